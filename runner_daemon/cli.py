@@ -1,0 +1,183 @@
+"""The command line: parse flags, load settings, set up logging, turn signals into state.
+
+This module is the only place that handles signals, prints to the terminal for the user and
+picks exit statuses; the daemon itself only reacts to :meth:`Daemon.request_stop` and
+:meth:`Daemon.force_stop`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from runner_daemon import __version__
+from runner_daemon.client import RunnerApi
+from runner_daemon.daemon import Daemon, ExitStatus
+from runner_daemon.errors import ConfigError
+from runner_daemon.handlers import HandlerRegistry, discover
+from runner_daemon.logs import configure_logging
+from runner_daemon.settings import Settings, load_settings
+
+PROG = "runner-daemon"
+# Flags that map one-to-one onto settings keys.
+SETTING_FLAGS = {
+    "url": "Opik API base URL (env OPIK_URL_OVERRIDE)",
+    "runner_id": "the paired runner's id (env RUNNER_DAEMON_RUNNER_ID)",
+    "workspace_root": "folder the handlers are confined to",
+    "max_concurrency": "commands run at once (default 10)",
+    "shutdown_grace_seconds": "how long a stop waits for in-flight commands (default 20)",
+    "log_format": "auto, json or console",
+    "log_level": "debug, info, warning or error",
+}
+
+
+def _fail_config(exc: ConfigError) -> int:
+    print(f"{PROG}: config error: {exc}", file=sys.stderr)
+    return ExitStatus.CONFIG
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {key: getattr(args, key) for key in SETTING_FLAGS}
+    return load_settings(args.config, overrides)
+
+
+async def watch_signals(daemon: Daemon) -> None:
+    """First SIGINT/SIGTERM drains; a second one exits at once."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if daemon.stop_requested:
+                daemon.force_stop(signum)
+                return
+            name = signal.Signals(signum).name
+            if signum == signal.SIGINT and sys.stderr.isatty():
+                print("\nStopping after in-flight commands; press Ctrl-C again to exit now.", file=sys.stderr)
+            daemon.request_stop(name)
+
+
+async def serve(settings: Settings, registry: HandlerRegistry) -> int:
+    async with RunnerApi.from_settings(settings) as api:
+        daemon = Daemon(settings, api, registry)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch_signals, daemon)
+            status = await daemon.run()
+            tg.cancel_scope.cancel()
+    return int(status)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings_from(args)
+        if settings.runner_id is None:
+            raise ConfigError(
+                "runner_id: required; pass --runner-id or set RUNNER_DAEMON_RUNNER_ID "
+                "(the dev server creates one with POST /dev/runners)"
+            )
+    except ConfigError as exc:
+        return _fail_config(exc)
+    configure_logging(settings.log_level, settings.log_format, settings.secret_values())
+    try:
+        return anyio.run(serve, settings, discover())
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    except Exception:
+        structlog.get_logger("runner_daemon").exception("the daemon failed unexpectedly")
+        return ExitStatus.FAILURE
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings_from(args)
+    except ConfigError as exc:
+        return _fail_config(exc)
+    print(f"# effective settings of {PROG} {__version__}; secrets are masked")
+    for key, value in settings.model_dump(mode="json").items():
+        if value is None:
+            print(f"# {key} = (not set)")
+        elif isinstance(value, str):
+            print(f'{key} = "{value}"')
+        else:
+            print(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
+    return ExitStatus.OK
+
+
+def cmd_devserver(args: argparse.Namespace) -> int:
+    try:
+        from runner_daemon.devserver.server import DevServer, DevServerConfig
+    except ImportError as exc:
+        print(
+            f"{PROG}: the dev server needs the 'devserver' extra ({exc.name} is missing): "
+            "pip install 'runner-daemon[devserver]'",
+            file=sys.stderr,
+        )
+        return ExitStatus.FAILURE
+    config = DevServerConfig(
+        poll_hold_seconds=args.poll_hold_seconds,
+        heartbeat_ttl_seconds=args.heartbeat_ttl_seconds,
+        reaper_interval_seconds=args.reaper_interval_seconds,
+    )
+    try:
+        server = DevServer(args.host, args.port, config)
+    except OSError as exc:
+        print(f"{PROG}: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+        return ExitStatus.FAILURE
+    for _ in range(args.create_runner):
+        runner = server.state.create_runner("dev-runner")
+        print(f"created runner {runner.id}", flush=True)
+    print(f"Opik-compatible dev server listening on {server.url}", flush=True)
+    print(f"create a runner with: curl -X POST {server.url}dev/runners", flush=True)
+    server.serve_forever()
+    return ExitStatus.OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from runner_daemon.demo import run_demo
+
+    return run_demo(args.log_format)
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML settings file (see config/runner-daemon.toml)")
+    for key, help_text in SETTING_FLAGS.items():
+        parser.add_argument("--" + key.replace("_", "-"), dest=key, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="A local runner daemon for Opik's bridge commands."
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon")
+    _add_setting_flags(run)
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check-config", help="validate and print the effective settings")
+    _add_setting_flags(check)
+    check.set_defaults(func=cmd_check_config)
+
+    dev = sub.add_parser("devserver", help="serve the Opik-compatible dev server")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=5173)
+    dev.add_argument("--poll-hold-seconds", type=float, default=30.0)
+    dev.add_argument("--heartbeat-ttl-seconds", type=float, default=15.0)
+    dev.add_argument("--reaper-interval-seconds", type=float, default=5.0)
+    dev.add_argument("--create-runner", type=int, default=0, metavar="N", help="create N runners at start")
+    dev.set_defaults(func=cmd_devserver)
+
+    demo = sub.add_parser("demo", help="dev server + daemon in one process; submits a few commands")
+    demo.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))

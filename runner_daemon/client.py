@@ -1,0 +1,302 @@
+"""The async client of Opik's local-runner API: the only module that imports httpx.
+
+Every status code is turned into :mod:`runner_daemon.errors` here, in
+:func:`raise_for_status`, and every httpx exception into :class:`TransportError`, so callers
+never see an httpx type. Each request carries a wall-clock deadline on top of httpx's
+per-phase timeouts, because a read timeout alone does not bound a server that trickles bytes.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import anyio
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from runner_daemon import __version__
+from runner_daemon.errors import (
+    Conflict,
+    ProtocolError,
+    RateLimited,
+    RequestRejected,
+    RunnerEvicted,
+    RunnerGone,
+    ServerError,
+    TransportError,
+    Unauthorized,
+)
+from runner_daemon.models import (
+    CommandRecord,
+    DevRunnerCreated,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    PollRequest,
+    PollResponse,
+    Runner,
+    SubmitRequest,
+    SubmitResponse,
+)
+from runner_daemon.settings import Settings
+
+RUNNERS_PATH = "v1/private/local-runners"
+DEFAULT_RETRY_AFTER_SECONDS = 1.0
+MAX_RETRY_AFTER_SECONDS = 300.0
+# Slack on top of httpx's own timeouts before the wall-clock guard fires.
+DEADLINE_SLACK_SECONDS = 5.0
+_JSON_HEADERS = {"Content-Type": "application/json"}
+M = TypeVar("M", bound=BaseModel)
+
+
+def raise_for_status(
+    response: httpx.Response,
+    *,
+    conflict: type[Conflict] = Conflict,
+) -> None:
+    """Map a non-2xx answer to the error tree; the single place that knows status codes."""
+    status = response.status_code
+    if status < 300:
+        return
+    message = f"HTTP {status} from {response.request.method} {response.request.url.path}: "
+    message += _error_text(response)
+    if status == 404:
+        raise RunnerGone(message, status=status)
+    if status == 410:
+        raise RunnerEvicted(message, status=status)
+    if status == 409:
+        raise conflict(message, status=status)
+    if status == 429:
+        raise RateLimited(message, status=status, retry_after=retry_after_seconds(response))
+    if status in (401, 403):
+        raise Unauthorized(message, status=status)
+    if status >= 500 or status == 408:
+        raise ServerError(message, status=status)
+    raise RequestRejected(message, status=status)
+
+
+def retry_after_seconds(response: httpx.Response, now: float | None = None) -> float:
+    """Seconds to wait from ``Retry-After`` (delta or HTTP date) or ``RateLimit-Reset``."""
+    for header in ("Retry-After", "RateLimit-Reset"):
+        raw = response.headers.get(header)
+        if raw is None:
+            continue
+        raw = raw.strip()
+        try:
+            seconds = float(raw)
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(raw)
+            except (TypeError, ValueError):
+                continue
+            seconds = when.timestamp() - (time.time() if now is None else now)
+        if math.isfinite(seconds):
+            return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
+    return DEFAULT_RETRY_AFTER_SECONDS
+
+
+def _error_text(response: httpx.Response) -> str:
+    """A short description from Opik's ``{"errors": [...]}`` or ``{"message": ...}`` bodies."""
+    try:
+        body = response.json()
+    except (ValueError, UnicodeDecodeError):
+        return response.text[:200] or response.reason_phrase
+    if isinstance(body, dict):
+        errors = body.get("errors")
+        if isinstance(errors, list) and errors:
+            return "; ".join(str(item) for item in errors)[:200]
+        if body.get("message"):
+            return str(body["message"])[:200]
+    return str(body)[:200]
+
+
+def _parse(model: type[M], response: httpx.Response) -> M:
+    try:
+        return model.model_validate_json(response.content)
+    except ValidationError as exc:
+        raise ProtocolError(
+            f"unexpected answer from {response.request.url.path}: "
+            f"{exc.error_count()} problem(s), first: {exc.errors()[0]['msg']}",
+            status=response.status_code,
+        ) from None
+
+
+class RunnerApi:
+    """One shared connection pool to Opik for the daemon's whole life."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        workspace: str | None = None,
+        request_timeout: float = 10.0,
+        connect_timeout: float = 5.0,
+        poll_timeout: float = 45.0,
+        max_connections: int = 16,
+    ) -> None:
+        headers = {"User-Agent": f"runner-daemon/{__version__}", "Accept": "application/json"}
+        if api_key:
+            headers["Authorization"] = api_key
+        if workspace:
+            headers["Comet-Workspace"] = workspace
+        self._request_timeout = request_timeout
+        self._poll_timeout = poll_timeout
+        self._timeout = httpx.Timeout(request_timeout, connect=connect_timeout)
+        self._poll_timeouts = httpx.Timeout(poll_timeout, connect=connect_timeout)
+        # The pool is bounded so a leak or a storm shows up as a pool timeout, not a hang.
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            headers=headers,
+            timeout=self._timeout,
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+                keepalive_expiry=30.0,
+            ),
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RunnerApi:
+        return cls(
+            settings.url,
+            api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+            workspace=settings.workspace,
+            request_timeout=settings.request_timeout_seconds,
+            connect_timeout=settings.connect_timeout_seconds,
+            poll_timeout=settings.poll_timeout_seconds,
+            # Every execution slot may report at once, plus the poll and the heartbeat.
+            max_connections=settings.max_concurrency + 2,
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await self._http.aclose()
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None = None,
+        params: Mapping[str, str] | None = None,
+        timeout: httpx.Timeout | None = None,
+        budget: float | None = None,
+        conflict: type[Conflict] = Conflict,
+    ) -> httpx.Response:
+        deadline = (budget or self._request_timeout) + DEADLINE_SLACK_SECONDS
+        try:
+            with anyio.fail_after(deadline):
+                response = await self._http.request(
+                    method,
+                    path,
+                    content=content,
+                    params=params,
+                    headers=_JSON_HEADERS if content is not None else None,
+                    timeout=timeout or self._timeout,
+                )
+        except TimeoutError:
+            raise TransportError(f"{method} {path}: no complete answer within {deadline:.0f}s") from None
+        except httpx.HTTPError as exc:
+            raise TransportError(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+        raise_for_status(response, conflict=conflict)
+        return response
+
+    # --- the runner's side -------------------------------------------------------------
+
+    async def heartbeat(self, runner_id: str, capabilities: list[str]) -> HeartbeatResponse:
+        body = HeartbeatRequest(capabilities=capabilities).model_dump_json().encode()
+        response = await self._request("POST", f"{RUNNERS_PATH}/{runner_id}/heartbeats", content=body)
+        return _parse(HeartbeatResponse, response)
+
+    async def poll(self, runner_id: str, max_commands: int) -> list[Any]:
+        """Long-poll for commands; the items are returned raw for per-item validation."""
+        body = PollRequest(max_commands=max_commands).model_dump_json().encode()
+        response = await self._request(
+            "POST",
+            f"{RUNNERS_PATH}/{runner_id}/bridge/commands/next",
+            content=body,
+            timeout=self._poll_timeouts,
+            budget=self._poll_timeout,
+        )
+        return _parse(PollResponse, response).commands
+
+    async def report(self, runner_id: str, command_id: str, body: bytes, *, conflict: type[Conflict]) -> None:
+        """Post an encoded :class:`~runner_daemon.models.ResultReport`."""
+        await self._request(
+            "POST",
+            f"{RUNNERS_PATH}/{runner_id}/bridge/commands/{command_id}/results",
+            content=body,
+            conflict=conflict,
+        )
+
+    async def disconnect(self, runner_id: str) -> None:
+        await self._request("DELETE", f"{RUNNERS_PATH}/{runner_id}")
+
+    async def get_runner(self, runner_id: str) -> Runner:
+        return _parse(Runner, await self._request("GET", f"{RUNNERS_PATH}/{runner_id}"))
+
+    # --- the UI's side, used by the demo, the tests and the benchmark ---------------------
+
+    async def submit_command(
+        self,
+        runner_id: str,
+        command_type: str,
+        args: Mapping[str, Any],
+        timeout_seconds: int | None = None,
+    ) -> str:
+        body = SubmitRequest(type=command_type, args=dict(args), timeout_seconds=timeout_seconds)
+        response = await self._request(
+            "POST",
+            f"{RUNNERS_PATH}/{runner_id}/bridge/commands",
+            content=body.model_dump_json(exclude_none=True).encode(),
+        )
+        return _parse(SubmitResponse, response).command_id
+
+    async def get_command(
+        self, runner_id: str, command_id: str, *, wait: float | None = None
+    ) -> CommandRecord:
+        """Read a command; with ``wait``, the server holds until it is terminal or time passes."""
+        params = {"wait": "true", "timeout": str(math.ceil(wait))} if wait else None
+        budget = (wait or 0) + self._request_timeout
+        response = await self._request(
+            "GET",
+            f"{RUNNERS_PATH}/{runner_id}/bridge/commands/{command_id}",
+            params=params,
+            timeout=httpx.Timeout(budget, connect=self._timeout.connect),
+            budget=budget,
+        )
+        return _parse(CommandRecord, response)
+
+    # --- the dev server's own control routes (not Opik's API) ----------------------------
+
+    async def dev_create_runner(self, name: str = "runner-daemon") -> str:
+        body = json.dumps({"name": name}).encode()
+        return _parse(DevRunnerCreated, await self._request("POST", "dev/runners", content=body)).runner_id
+
+    async def dev_post(self, path: str, payload: Mapping[str, Any]) -> Any:
+        """POST a control request to the dev server (faults, eviction) and return its JSON."""
+        response = await self._request("POST", f"dev/{path}", content=json.dumps(payload).encode())
+        return response.json() if response.content else None
+
+    async def dev_get(self, path: str) -> Any:
+        response = await self._request("GET", f"dev/{path}")
+        return response.json()

@@ -1,0 +1,199 @@
+"""The daemon's life: start up, run, drain, shut down.
+
+Signals are not handled here: the CLI turns them into :meth:`Daemon.request_stop` (drain)
+and :meth:`Daemon.force_stop` (exit now), and the daemon reacts to that state.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Literal
+
+import anyio
+import structlog
+
+from runner_daemon.backoff import Backoff
+from runner_daemon.client import RunnerApi
+from runner_daemon.errors import ApiError, RateLimited, RunnerGone, Unauthorized
+from runner_daemon.handlers import HandlerRegistry
+from runner_daemon.loop import BridgeLoop, LoopStats
+from runner_daemon.models import BRIDGE_CAPABILITY
+from runner_daemon.settings import Settings
+
+log = structlog.get_logger("runner_daemon.daemon")
+
+CAPABILITIES = [BRIDGE_CAPABILITY]
+State = Literal["starting", "running", "draining", "stopped"]
+
+
+class ExitStatus(enum.IntEnum):
+    """The process exit statuses; the README and the systemd unit rely on these values."""
+
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    DISCONNECTED = 69  # EX_UNAVAILABLE: the server dropped this runner; re-pair, don't restart
+    UNAUTHORIZED = 77  # EX_NOPERM: the API key or workspace was refused
+    CONFIG = 78  # EX_CONFIG
+    # A second signal exits at once with 128 + the signal number (130 for Ctrl-C).
+
+
+class Daemon:
+    def __init__(self, settings: Settings, api: RunnerApi, registry: HandlerRegistry) -> None:
+        if settings.runner_id is None:
+            raise ValueError("the daemon needs a runner_id")
+        self._settings = settings
+        self._api = api
+        self._runner_id = str(settings.runner_id)
+        self.stats = LoopStats()
+        self.loop = BridgeLoop(
+            settings, api, registry, self.stats, on_fatal=self._fatal, on_contact=self._contact
+        )
+        self.state: State = "starting"
+        self.running = anyio.Event()  # set once the first heartbeat was answered
+        self.last_contact: float | None = None
+        self.fatal_error: ApiError | None = None
+        self._stop_requested = False
+        self._forced_by: int | None = None
+        self._root: anyio.CancelScope | None = None
+        self._startup_scope: anyio.CancelScope | None = None
+
+    # --- control, called from the CLI's signal handling ---------------------------------
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
+
+    def request_stop(self, reason: str) -> None:
+        """Begin a graceful stop: no new polls, in-flight commands get the grace period."""
+        if self._stop_requested:
+            return
+        self._stop_requested = True
+        log.info("stopping: finishing in-flight commands", reason=reason, in_flight=self.loop.in_flight)
+        self.loop.stop_polling()
+        if self._startup_scope is not None:
+            self._startup_scope.cancel()
+
+    def force_stop(self, signum: int) -> None:
+        """Exit now; commands still running are abandoned (the server times them out)."""
+        self._forced_by = signum
+        log.warning("forced exit: abandoning in-flight commands", in_flight=self.loop.in_flight)
+        if self._root is not None:
+            self._root.cancel()
+
+    # --- the life cycle -----------------------------------------------------------------
+
+    async def run(self) -> ExitStatus | int:
+        with anyio.CancelScope() as self._root:
+            if await self._startup():
+                await self._main()
+                await self._shutdown()
+        self.state = "stopped"
+        return self._exit_status()
+
+    async def _startup(self) -> bool:
+        """Send the first heartbeat (it declares the bridge capability) before any poll."""
+        backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
+        with anyio.CancelScope() as self._startup_scope:
+            while not self._stop_requested:
+                try:
+                    await self._api.heartbeat(self._runner_id, CAPABILITIES)
+                except (RunnerGone, Unauthorized) as exc:
+                    self._fatal(exc)
+                    return False
+                except ApiError as exc:
+                    delay = exc.retry_after if isinstance(exc, RateLimited) else backoff.next_delay()
+                    log.warning("cannot reach Opik yet; retrying", error=str(exc), retry_in=round(delay, 2))
+                    await anyio.sleep(delay)
+                else:
+                    self._contact()
+                    return True
+        return False
+
+    async def _main(self) -> None:
+        async with anyio.create_task_group() as services:
+            services.start_soon(self._heartbeat_loop)
+            async with anyio.create_task_group() as work:
+                self.state = "running"
+                self.running.set()
+                log.info(
+                    "runner connected; waiting for bridge commands",
+                    runner_id=self._runner_id,
+                    url=self._settings.url,
+                    workspace_root=str(self._settings.workspace_root),
+                    max_concurrency=self._settings.max_concurrency,
+                )
+                await self.loop.run(work)
+                self.state = "draining"
+                # Heartbeats go on while draining: the server must still see us alive.
+                await self.loop.drain(self._settings.shutdown_grace_seconds, work)
+            services.cancel_scope.cancel()
+
+    async def _shutdown(self) -> None:
+        if not self._settings.disconnect_on_exit or self.fatal_error is not None:
+            return
+        try:
+            await self._api.disconnect(self._runner_id)
+        except ApiError as exc:
+            log.warning("could not disconnect the runner on exit", error=str(exc))
+        else:
+            log.info("runner disconnected from Opik (disconnect_on_exit = true)")
+
+    async def _heartbeat_loop(self) -> None:
+        failures = 0
+        while True:
+            await anyio.sleep(self._settings.heartbeat_interval_seconds)
+            try:
+                await self._api.heartbeat(self._runner_id, CAPABILITIES)
+            except (RunnerGone, Unauthorized) as exc:
+                self._fatal(exc)
+                return
+            except ApiError as exc:
+                failures += 1
+                self.stats.last_error = str(exc)
+                level = log.warning if failures == 1 else log.debug
+                level("heartbeat failed", error=str(exc), failures=failures)
+            else:
+                if failures:
+                    log.info("heartbeat restored", after_failures=failures)
+                failures = 0
+                self._contact()
+
+    # --- reactions ------------------------------------------------------------------------
+
+    def _contact(self) -> None:
+        self.last_contact = time.monotonic()
+
+    def _fatal(self, exc: ApiError) -> None:
+        """The server will not serve this runner again: stop, and say what to do."""
+        if self.fatal_error is not None:
+            return
+        self.fatal_error = exc
+        if isinstance(exc, RunnerGone):
+            log.error(
+                f"runner {self._runner_id} is no longer connected to Opik; pair a runner again "
+                "(Opik UI or `opik connect`) and restart runner-daemon with the new runner id",
+                error=str(exc),
+                exit_status=int(ExitStatus.DISCONNECTED),
+            )
+        else:
+            log.error(
+                "Opik refused our credentials; check OPIK_API_KEY and OPIK_WORKSPACE",
+                error=str(exc),
+                exit_status=int(ExitStatus.UNAUTHORIZED),
+            )
+        self._stop_requested = True
+        self.loop.stop_polling()
+        self.loop.cancel_in_flight()  # their results could not be delivered anyway
+        if self._startup_scope is not None:
+            self._startup_scope.cancel()
+
+    def _exit_status(self) -> ExitStatus | int:
+        if self._forced_by is not None:
+            return 128 + self._forced_by
+        if isinstance(self.fatal_error, RunnerGone):
+            return ExitStatus.DISCONNECTED
+        if isinstance(self.fatal_error, Unauthorized):
+            return ExitStatus.UNAUTHORIZED
+        return ExitStatus.OK

@@ -1,0 +1,100 @@
+"""``runner-daemon demo``: the dev server and the daemon in one process, commands flowing.
+
+It creates a small workspace, starts the dev server on a free port, runs the daemon against
+it, submits a handful of commands as Opik's UI would, prints each result with its duration,
+then stops the daemon gracefully. Exit 0 when every command reached the status expected.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from runner_daemon.client import RunnerApi
+from runner_daemon.daemon import Daemon, ExitStatus
+from runner_daemon.devserver.server import DevServer, DevServerConfig
+from runner_daemon.handlers import discover
+from runner_daemon.logs import configure_logging
+from runner_daemon.models import CommandRecord
+from runner_daemon.settings import LogFormat, load_settings
+
+# (type, args, expected status, expected error code)
+DEMO_COMMANDS: list[tuple[str, dict[str, Any], str, str | None]] = [
+    ("ListFiles", {"path": "", "depth": 2}, "completed", None),
+    ("ReadFile", {"path": "README.md"}, "completed", None),
+    ("ReadFile", {"path": "src/app.py", "offset": 1, "limit": 2}, "completed", None),
+    ("ListFiles", {"path": "src", "pattern": "*.py"}, "completed", None),
+    ("ReadFile", {"path": "missing.txt"}, "failed", "file_not_found"),
+    ("ReadFile", {"path": "../../etc/passwd"}, "failed", "path_traversal"),
+    ("ReadFile", {"offset": 3}, "failed", "invalid_args"),
+    ("Frobnicate", {}, "failed", "unknown_type"),
+]
+
+
+def _make_workspace(root: Path) -> None:
+    (root / "src").mkdir()
+    (root / "README.md").write_text("# demo project\nA workspace made up by runner-daemon demo.\n")
+    (root / "src" / "app.py").write_text("import sys\n\ndef main():\n    print('hello')\n")
+    (root / "src" / "notes.txt").write_text("not python\n")
+
+
+def _summary(record: CommandRecord) -> str:
+    payload = (
+        record.result if record.status == "completed" else record.error.model_dump() if record.error else None
+    )
+    text = json.dumps(payload, ensure_ascii=False)
+    return text if len(text) <= 110 else text[:107] + "..."
+
+
+async def _demo(server: DevServer, workspace: Path, log_format: LogFormat) -> int:
+    async with RunnerApi(server.url) as api:
+        runner_id = await api.dev_create_runner("runner-daemon demo")
+        settings = load_settings(
+            None,
+            {
+                "url": server.url,
+                "runner_id": runner_id,
+                "workspace_root": workspace,
+                "log_format": log_format,
+                "shutdown_grace_seconds": 5,
+            },
+        )
+        configure_logging(settings.log_level, settings.log_format, settings.secret_values())
+        daemon = Daemon(settings, api, discover())
+        failures = 0
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(daemon.run)
+            with anyio.fail_after(10):
+                await daemon.running.wait()
+            ids = [await api.submit_command(runner_id, kind, args) for kind, args, _, _ in DEMO_COMMANDS]
+            print(f"\nsubmitted {len(ids)} commands to runner {runner_id}\n", flush=True)
+            for command_id, (kind, args, status, code) in zip(ids, DEMO_COMMANDS, strict=True):
+                record = await api.get_command(runner_id, command_id, wait=10)
+                got_code = record.error.code if record.error else None
+                ok = record.status == status and got_code == code
+                failures += not ok
+                mark = "ok " if ok else "BAD"
+                took = "-" if record.duration_ms is None else str(record.duration_ms)
+                print(
+                    f"{mark} {kind:<10} {json.dumps(args):<38} -> {record.status:<9} "
+                    f"{took:>4} ms  {_summary(record)}",
+                    flush=True,
+                )
+            print(flush=True)
+            daemon.request_stop("demo finished")
+        print(f"{len(ids) - failures} of {len(ids)} commands ended as expected", flush=True)
+        return ExitStatus.OK if failures == 0 else ExitStatus.FAILURE
+
+
+def run_demo(log_format: LogFormat = "auto") -> int:
+    with tempfile.TemporaryDirectory(prefix="runner-daemon-demo-") as tmp:
+        workspace = Path(tmp)
+        _make_workspace(workspace)
+        with DevServer(config=DevServerConfig(poll_hold_seconds=5)) as server:
+            print(f"dev server on {server.url}; workspace {workspace}", file=sys.stderr, flush=True)
+            return anyio.run(_demo, server, workspace, log_format)

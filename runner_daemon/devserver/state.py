@@ -1,0 +1,362 @@
+"""The dev server's in-memory state: runners, commands, counters and injected faults.
+
+Every method is synchronous and runs on the server's event loop, so each one is atomic with
+respect to concurrent requests; the routes only await *between* calls (long polls, waits).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+
+WRITE_TYPES = frozenset({"WriteFile", "EditFile", "Exec"})
+TERMINAL = frozenset({"completed", "failed", "timed_out"})
+
+
+@dataclass(frozen=True)
+class DevServerConfig:
+    """Opik's server defaults, shortened by the tests where waiting would only slow them."""
+
+    poll_hold_seconds: float = 30.0
+    heartbeat_ttl_seconds: float = 15.0
+    default_timeout_seconds: int = 30
+    max_timeout_seconds: int = 120
+    stale_grace_seconds: float = 10.0
+    reaper_interval_seconds: float = 5.0
+    finished_ttl_seconds: float = 3600.0
+    max_pending: int = 50
+    submissions_per_minute: int = 600
+    writes_per_minute: int = 120
+    payload_cap_chars: int = 1_048_576
+    default_max_commands: int = 10
+    max_max_commands: int = 20
+    wait_default_seconds: int = 30
+
+
+class ApiFailure(Exception):
+    """An error answer: status and Opik's ``{"errors": [...]}`` body."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+class Signal:
+    """Wakes every current waiter; later waiters wait for the next notify."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = anyio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+@dataclass
+class RunnerCounters:
+    heartbeats: int = 0
+    polls: int = 0
+    max_commands_asked: list[int] = field(default_factory=list)
+    reports_accepted: int = 0
+    reports_conflict: int = 0
+    reports_not_found: int = 0
+    reports_rejected: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Runner:
+    id: str
+    name: str
+    project_id: str
+    created_at: str
+    capabilities: list[str] | None = None
+    connected_at: str | None = None
+    last_heartbeat: float | None = None
+    removed: bool = False  # disconnected (DELETE), purged or evicted: endpoints answer 404
+    submitted: Signal = field(default_factory=Signal)
+    submit_times: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
+    write_times: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
+    counters: RunnerCounters = field(default_factory=RunnerCounters)
+
+
+@dataclass
+class Command:
+    id: str
+    runner_id: str
+    type: str
+    args: dict[str, Any]
+    timeout_seconds: int
+    submitted_at: str
+    submitted_mono: float
+    status: str = "pending"
+    picked_up_at: str | None = None
+    picked_up_mono: float | None = None
+    completed_at: str | None = None
+    finished_mono: float | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    duration_ms: int | None = None
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+    def as_item(self) -> dict[str, Any]:
+        return {
+            "command_id": self.id,
+            "type": self.type,
+            "args": self.args,
+            "timeout_seconds": self.timeout_seconds,
+            "submitted_at": self.submitted_at,
+        }
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "command_id": self.id,
+            "runner_id": self.runner_id,
+            "type": self.type,
+            "status": self.status,
+            "args": self.args,
+            "result": self.result,
+            "error": self.error,
+            "timeout_seconds": self.timeout_seconds,
+            "submitted_at": self.submitted_at,
+            "picked_up_at": self.picked_up_at,
+            "completed_at": self.completed_at,
+            "duration_ms": self.duration_ms,
+        }
+
+
+@dataclass
+class Fault:
+    """An answer forced onto the next ``count`` requests of one route."""
+
+    route: str
+    status: int
+    count: int = 1
+    retry_after: float | None = None
+
+
+class DevState:
+    def __init__(self, config: DevServerConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self._clock = clock
+        self.runners: dict[str, Runner] = {}
+        self.commands: dict[str, Command] = {}
+        self.faults: deque[Fault] = deque(maxlen=1000)
+
+    # --- runners ------------------------------------------------------------------------
+
+    def create_runner(self, name: str = "dev-runner", runner_id: str | None = None) -> Runner:
+        runner = Runner(
+            id=runner_id or str(uuid.uuid4()),
+            name=name,
+            project_id=str(uuid.uuid4()),
+            created_at=now_iso(),
+        )
+        self.runners[runner.id] = runner
+        return runner
+
+    def runner(self, runner_id: str) -> Runner:
+        runner = self.runners.get(runner_id)
+        if runner is None or runner.removed:
+            raise ApiFailure(404, "Runner not found")
+        return runner
+
+    def alive(self, runner: Runner) -> bool:
+        return (
+            not runner.removed
+            and runner.last_heartbeat is not None
+            and self._clock() - runner.last_heartbeat <= self.config.heartbeat_ttl_seconds
+        )
+
+    def runner_view(self, runner: Runner) -> dict[str, Any]:
+        return {
+            "id": runner.id,
+            "name": runner.name,
+            "project_id": runner.project_id,
+            "status": "connected" if self.alive(runner) else "disconnected",
+            "connected_at": runner.connected_at,
+            "type": "connect",
+            "capabilities": runner.capabilities if runner.capabilities is not None else ["jobs"],
+            "agents": [],
+            "checklist": {},
+        }
+
+    def heartbeat(self, runner_id: str, capabilities: list[str]) -> None:
+        runner = self.runners.get(runner_id)
+        if runner is None:
+            raise ApiFailure(404, "Runner not found")
+        if runner.removed:
+            raise ApiFailure(410, "Runner not found")
+        runner.counters.heartbeats += 1
+        if not self.alive(runner):
+            runner.connected_at = now_iso()
+        runner.last_heartbeat = self._clock()
+        runner.capabilities = list(capabilities)
+
+    def remove_runner(self, runner_id: str) -> None:
+        """DELETE (or eviction): fail every open command, then answer 404 (410 to heartbeats)."""
+        runner = self.runners.get(runner_id)
+        if runner is None or runner.removed:
+            return
+        runner.removed = True
+        for command in self.commands.values():
+            if command.runner_id == runner_id and command.status not in TERMINAL:
+                self._finish(command, "timed_out")
+        runner.submitted.notify()
+
+    # --- commands -----------------------------------------------------------------------
+
+    def submit(self, runner_id: str, command_type: str, args: dict[str, Any], timeout: int | None) -> Command:
+        runner = self.runner(runner_id)
+        if not self.alive(runner):
+            raise ApiFailure(404, "Runner not connected")
+        if "bridge" not in (runner.capabilities or ["jobs"]):
+            raise ApiFailure(409, "Runner does not support bridge commands")
+        if len(json.dumps(args)) > self.config.payload_cap_chars:
+            raise ApiFailure(400, "Command args exceed the maximum payload size")
+        pending = sum(1 for c in self.commands.values() if c.runner_id == runner_id and c.status == "pending")
+        if pending >= self.config.max_pending:
+            raise ApiFailure(429, "Too many pending commands")
+        now = self._clock()
+        self._check_rate(runner.submit_times, now, self.config.submissions_per_minute)
+        if command_type in WRITE_TYPES:
+            self._check_rate(runner.write_times, now, self.config.writes_per_minute)
+            runner.write_times.append(now)
+        runner.submit_times.append(now)
+        if timeout is None or timeout <= 0:
+            timeout = self.config.default_timeout_seconds
+        command = Command(
+            id=str(uuid.uuid4()),
+            runner_id=runner_id,
+            type=command_type,
+            args=args,
+            timeout_seconds=min(timeout, self.config.max_timeout_seconds),
+            submitted_at=now_iso(),
+            submitted_mono=now,
+        )
+        self.commands[command.id] = command
+        runner.submitted.notify()
+        return command
+
+    @staticmethod
+    def _check_rate(times: deque[float], now: float, per_minute: int) -> None:
+        while times and now - times[0] > 60.0:
+            times.popleft()
+        if len(times) >= per_minute:
+            raise ApiFailure(429, "Too many commands per minute", {"Retry-After": "60"})
+
+    def take_pending(self, runner_id: str, max_commands: int) -> list[Command]:
+        """Move up to ``max_commands`` pending commands to picked_up, oldest first."""
+        taken: list[Command] = []
+        for command in self.commands.values():  # insertion order = submission order
+            if len(taken) >= max_commands:
+                break
+            if command.runner_id == runner_id and command.status == "pending":
+                command.status = "picked_up"
+                command.picked_up_at = now_iso()
+                command.picked_up_mono = self._clock()
+                taken.append(command)
+        return taken
+
+    def command(self, runner_id: str, command_id: str) -> Command:
+        self.runner(runner_id)
+        command = self.commands.get(command_id)
+        if command is None or command.runner_id != runner_id:
+            raise ApiFailure(404, "Command not found")
+        return command
+
+    def report(self, runner_id: str, command_id: str, body: Any) -> None:
+        runner = self.runners.get(runner_id)
+        try:
+            command = self.command(runner_id, command_id)
+        except ApiFailure:
+            if runner is not None:
+                runner.counters.reports_not_found += 1
+            raise
+        counters = self.runner(runner_id).counters
+        problem = self._report_problem(body)
+        if problem:
+            counters.reports_rejected += 1
+            raise ApiFailure(400, problem)
+        if command.status in TERMINAL:
+            counters.reports_conflict += 1
+            raise ApiFailure(409, "Command already completed")
+        counters.reports_accepted += 1
+        command.result = body.get("result")
+        command.error = body.get("error")
+        duration = body.get("duration_ms")
+        command.duration_ms = duration if isinstance(duration, int) else None
+        self._finish(command, body["status"])
+
+    def _report_problem(self, body: Any) -> str | None:
+        if not isinstance(body, dict):
+            return "Body must be a JSON object"
+        if body.get("status") not in ("completed", "failed"):
+            return "status must be 'completed' or 'failed'"
+        if body.get("result") is None and body.get("error") is None:
+            return "Either result or error must be present"
+        for key in ("result", "error"):
+            value = body.get(key)
+            if value is not None and not isinstance(value, dict):
+                return f"{key} must be an object"
+            if value is not None and len(json.dumps(value)) > self.config.payload_cap_chars:
+                return f"{key} exceeds the maximum payload size"
+        duration = body.get("duration_ms")
+        if duration is not None and (not isinstance(duration, int) or isinstance(duration, bool)):
+            return "duration_ms must be an integer"
+        return None
+
+    def _finish(self, command: Command, status: str) -> None:
+        command.status = status
+        command.completed_at = now_iso()
+        command.finished_mono = self._clock()
+        command.done.set()
+
+    def reap(self) -> None:
+        """Time out stale picked-up commands and forget old records, as Opik's reaper does."""
+        now = self._clock()
+        for command in list(self.commands.values()):
+            if command.status == "picked_up" and command.picked_up_mono is not None:
+                if now > command.picked_up_mono + command.timeout_seconds + self.config.stale_grace_seconds:
+                    self._finish(command, "timed_out")
+            elif command.status == "pending":
+                if now > command.submitted_mono + 2 * command.timeout_seconds + 60:
+                    del self.commands[command.id]
+            elif (
+                command.finished_mono is not None
+                and now - command.finished_mono > self.config.finished_ttl_seconds
+            ):
+                del self.commands[command.id]
+
+    # --- faults (dev only) --------------------------------------------------------------
+
+    def add_fault(self, fault: Fault) -> None:
+        self.faults.append(fault)
+
+    def take_fault(self, route: str) -> Fault | None:
+        for fault in self.faults:
+            if fault.route in (route, "*"):
+                fault.count -= 1
+                if fault.count <= 0:
+                    self.faults.remove(fault)
+                return fault
+        return None

@@ -1,0 +1,66 @@
+"""What a handler is: a command type, a pydantic model of its args, and an async ``run``."""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+import anyio.to_thread
+from pydantic import BaseModel, ConfigDict
+
+from runner_daemon.errors import CommandFailed
+from runner_daemon.workspace import Workspace
+
+A = TypeVar("A", bound=BaseModel)
+T = TypeVar("T")
+
+
+class Args(BaseModel):
+    """Base of handler argument models: unknown keys are ignored, as Opik's runner does."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Abandoned(Exception):
+    """Raised inside worker-thread code once its command was cancelled or timed out."""
+
+
+@dataclass
+class HandlerContext:
+    """What a running command may use. ``stop`` is set when the command's time is over."""
+
+    workspace: Workspace
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def check_stop(self) -> None:
+        """Called by long worker-thread loops so abandoned work stops burning CPU."""
+        if self.stop.is_set():
+            raise Abandoned
+
+    async def in_thread(self, func: Callable[..., T], *args: Any) -> T:
+        """Run blocking file-system work off the event loop; cancelling abandons the thread."""
+        return await anyio.to_thread.run_sync(func, *args, abandon_on_cancel=True)
+
+
+class Handler(abc.ABC, Generic[A]):
+    """One command type. Subclasses set the class attributes and implement :meth:`run`.
+
+    A handler signals an expected failure by raising :class:`CommandFailed`; anything else
+    is an internal error.
+    """
+
+    command_type: ClassVar[str]
+    args_model: type[A]
+    mutating: ClassVar[bool] = False
+
+    def parse(self, raw: dict[str, Any]) -> A:
+        return self.args_model.model_validate(raw)
+
+    @abc.abstractmethod
+    async def run(self, args: A, ctx: HandlerContext) -> dict[str, Any]: ...
+
+
+__all__ = ["A", "Abandoned", "Args", "CommandFailed", "Handler", "HandlerContext"]

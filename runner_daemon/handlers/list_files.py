@@ -1,0 +1,91 @@
+"""``ListFiles``: the names under a folder, like ``ls -R`` to a depth.
+
+Names are relative to the listed folder, as Opik's runner returns them. Only the first
+1,000 names in sort order are kept while walking (a bounded heap), so a huge tree costs a
+count, not a list.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import heapq
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from runner_daemon.errors import CommandFailed
+from runner_daemon.handlers.base import Args, Handler, HandlerContext
+from runner_daemon.workspace import SKIP_DIRS
+
+MAX_ENTRIES = 1000
+MAX_BYTES = 512 * 1024
+MAX_DEPTH = 5
+
+
+class ListFilesArgs(Args):
+    path: str = ""
+    pattern: str | None = None
+    depth: int = Field(1, ge=1, le=MAX_DEPTH)
+
+
+def _walk(current: Path, base: Path, pattern: str | None, depth: int, ctx: HandlerContext) -> Iterator[str]:
+    if depth <= 0:
+        return
+    ctx.check_stop()
+    try:
+        with os.scandir(current) as entries:
+            listed = list(entries)
+    except OSError:
+        return  # unreadable folders are skipped, as Opik does
+    for entry in listed:
+        # Symlinked folders count as files: never descended, so never a way out.
+        is_dir = entry.is_dir(follow_symlinks=False)
+        if is_dir and entry.name in SKIP_DIRS:
+            continue
+        rel = Path(entry.path).relative_to(base).as_posix()
+        if is_dir:
+            yield rel + "/"
+            yield from _walk(Path(entry.path), base, pattern, depth - 1, ctx)
+        elif not pattern or fnmatch.fnmatch(entry.name, pattern) or fnmatch.fnmatch(rel, pattern):
+            yield rel
+
+
+def _sort_key(name: str) -> tuple[bool, str]:
+    return (not name.endswith("/"), name.lower())
+
+
+def list_names(base: Path, pattern: str | None, depth: int, ctx: HandlerContext) -> dict[str, Any]:
+    total = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal total
+        for name in _walk(base, base, pattern, depth, ctx):
+            total += 1
+            yield name
+
+    first = heapq.nsmallest(MAX_ENTRIES + 1, counted(), key=_sort_key)
+    files: list[str] = []
+    size = 0
+    for name in first:
+        size += len(name.encode("utf-8")) + 1
+        if len(files) >= MAX_ENTRIES or size > MAX_BYTES:
+            break
+        files.append(name)
+    return {"files": files, "total": total, "truncated": len(files) < total}
+
+
+class ListFilesHandler(Handler[ListFilesArgs]):
+    command_type = "ListFiles"
+    args_model = ListFilesArgs
+
+    async def run(self, args: ListFilesArgs, ctx: HandlerContext) -> dict[str, Any]:
+        base = ctx.workspace.resolve(args.path) if args.path else ctx.workspace.root
+        if not base.is_dir():
+            raise CommandFailed("file_not_found", f"Directory not found: {args.path}")
+        return await ctx.in_thread(list_names, base, args.pattern or None, args.depth, ctx)
+
+
+HANDLER = ListFilesHandler()

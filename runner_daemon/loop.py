@@ -1,0 +1,332 @@
+"""The bridge loop's phases: poll, dispatch, execute, report.
+
+Each phase is a small named method with one job. :class:`Executor` and :class:`Reporter`
+know nothing of polling and can be tested alone; :class:`BridgeLoop` owns the slots, the
+in-flight set and the drain. Commands run in their own tasks inside a task group the loop
+is given, so nothing outlives the daemon.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+from pydantic import ValidationError
+
+from runner_daemon.backoff import Backoff
+from runner_daemon.client import RunnerApi
+from runner_daemon.errors import (
+    AlreadyReported,
+    ApiError,
+    CommandFailed,
+    RateLimited,
+    RetryableError,
+    RunnerGone,
+    Unauthorized,
+    describe_validation_error,
+)
+from runner_daemon.handlers import HandlerRegistry
+from runner_daemon.handlers.base import HandlerContext
+from runner_daemon.models import BridgeCommand
+from runner_daemon.outcome import (
+    MalformedCommand,
+    Outcome,
+    clamp_timeout,
+    encode_report,
+    parse_command,
+)
+from runner_daemon.settings import Settings
+from runner_daemon.workspace import Workspace
+
+# Opik answers at most 20 commands per poll, whatever we ask for.
+MAX_POLL_COMMANDS = 20
+# After the grace period, cancelled commands get this long to report before we give up.
+FINAL_REPORT_SECONDS = 10.0
+
+log = structlog.get_logger("runner_daemon.loop")
+
+
+def _elapsed_ms(start: float) -> int:
+    return int((time.monotonic() - start) * 1000)
+
+
+@dataclass
+class LoopStats:
+    """Counters for logs and tests; monotonic over the daemon's life."""
+
+    completed: int = 0
+    failed: int = 0
+    already_reported: int = 0
+    dropped: int = 0
+    report_retries: int = 0
+    poll_errors: int = 0
+    last_error: str | None = None
+    by_code: dict[str, int] = field(default_factory=dict)
+
+
+class Executor:
+    """Runs one command through its handler under its time limit; never raises."""
+
+    def __init__(self, registry: HandlerRegistry, workspace: Workspace) -> None:
+        self._registry = registry
+        self._workspace = workspace
+
+    async def execute(self, command: BridgeCommand) -> Outcome:
+        handler = self._registry.get(command.type)
+        if handler is None:
+            # No duration, as Opik's runner: nothing ran.
+            return Outcome.failed("unknown_type", f"Unknown command type: {command.type}")
+        try:
+            args = handler.parse(command.args)
+        except ValidationError as exc:
+            return Outcome.failed("invalid_args", describe_validation_error(exc))
+        limit = clamp_timeout(command.timeout_seconds)
+        ctx = HandlerContext(self._workspace)
+        start = time.monotonic()
+        try:
+            with anyio.move_on_after(limit) as deadline:
+                result = await handler.run(args, ctx)
+        except CommandFailed as exc:
+            return Outcome.failed(exc.code, exc.message, _elapsed_ms(start))
+        except Exception:
+            log.exception("handler raised", command_id=command.command_id, type=command.type)
+            return Outcome.failed("internal", "Internal error", _elapsed_ms(start))
+        finally:
+            ctx.stop.set()  # tells an abandoned worker thread to give up
+        if deadline.cancelled_caught:
+            return Outcome.failed("timeout", f"Command timed out after {limit:g}s", _elapsed_ms(start))
+        return Outcome.completed(result, _elapsed_ms(start))
+
+
+class Reporter:
+    """Delivers one result: retries 5xx, network errors and 429 until accepted or too old."""
+
+    def __init__(
+        self,
+        api: RunnerApi,
+        settings: Settings,
+        stats: LoopStats,
+        on_fatal: Callable[[ApiError], None],
+    ) -> None:
+        self._api = api
+        self._runner_id = str(settings.runner_id)
+        self._settings = settings
+        self._stats = stats
+        self._on_fatal = on_fatal
+
+    async def report(self, command_id: str, command_type: str, outcome: Outcome) -> bool:
+        """True once the server holds a result for the command (a 409 counts)."""
+        bound = log.bind(command_id=command_id, type=command_type, status=outcome.status)
+        if outcome.duration_ms is not None:
+            bound = bound.bind(duration_ms=outcome.duration_ms)
+        if outcome.error is not None:
+            bound = bound.bind(error_code=outcome.error.code)
+        body = encode_report(outcome)
+        backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
+        with anyio.move_on_after(self._settings.report_retry_seconds):
+            while True:
+                try:
+                    await self._api.report(self._runner_id, command_id, body, conflict=AlreadyReported)
+                except AlreadyReported:
+                    self._stats.already_reported += 1
+                    bound.info("command already reported (or timed out by the server)")
+                    return True
+                except RunnerGone as exc:
+                    self._on_fatal(exc)
+                    self._stats.dropped += 1
+                    bound.warning("result not delivered: the runner was disconnected")
+                    return False
+                except RetryableError as exc:
+                    delay = backoff.next_delay()
+                    self._note_retry(bound, exc, delay, backoff.attempts)
+                except RateLimited as exc:
+                    delay = exc.retry_after
+                    self._note_retry(bound, exc, delay, backoff.attempts)
+                except ApiError as exc:
+                    self._stats.dropped += 1
+                    bound.error("server refused the result; dropped", error=str(exc))
+                    return False
+                else:
+                    self._count(outcome)
+                    bound.info("command finished")
+                    return True
+                await anyio.sleep(delay)
+        self._stats.dropped += 1
+        bound.error("result dropped: still undelivered", after_seconds=self._settings.report_retry_seconds)
+        return False
+
+    def _note_retry(self, bound: Any, exc: ApiError, delay: float, attempt: int) -> None:
+        self._stats.report_retries += 1
+        self._stats.last_error = str(exc)
+        bound.warning("report failed; retrying", error=str(exc), retry_in=round(delay, 2), attempt=attempt)
+
+    def _count(self, outcome: Outcome) -> None:
+        if outcome.status == "completed":
+            self._stats.completed += 1
+        else:
+            self._stats.failed += 1
+            code = outcome.error_code or "unknown"
+            self._stats.by_code[code] = self._stats.by_code.get(code, 0) + 1
+
+
+class BridgeLoop:
+    """Poll for as many commands as there are free slots, run each in its own task."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        api: RunnerApi,
+        registry: HandlerRegistry,
+        stats: LoopStats,
+        on_fatal: Callable[[ApiError], None],
+        on_contact: Callable[[], None],
+    ) -> None:
+        self._settings = settings
+        self._api = api
+        self._runner_id = str(settings.runner_id)
+        self._stats = stats
+        self._on_fatal = on_fatal
+        self._on_contact = on_contact
+        self.executor = Executor(registry, Workspace(settings.workspace_root))
+        self.reporter = Reporter(api, settings, stats, on_fatal)
+        self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
+        # Commands claimed from the server and not yet reported, with their cancel scopes.
+        self._claimed: dict[str, anyio.CancelScope] = {}
+        self._changed = anyio.Event()
+        self._poll_scope: anyio.CancelScope | None = None
+        self.stopping = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._claimed)
+
+    def stop_polling(self) -> None:
+        """Stop at once: no new poll, and an open poll is abandoned."""
+        self.stopping = True
+        if self._poll_scope is not None:
+            self._poll_scope.cancel()
+        self._notify()
+
+    def cancel_in_flight(self) -> None:
+        for scope in self._claimed.values():
+            scope.cancel()
+
+    async def run(self, work: TaskGroup) -> None:
+        """Poll and dispatch until :meth:`stop_polling`; commands run in ``work``."""
+        backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
+        while not self.stopping:
+            await self._wait_for_free_slot()
+            items: list[Any] = []
+            with anyio.CancelScope() as self._poll_scope:
+                if self.stopping:
+                    break
+                try:
+                    items = await self.poll(min(self._free_slots(), MAX_POLL_COMMANDS))
+                except (RunnerGone, Unauthorized) as exc:
+                    self._on_fatal(exc)
+                    return
+                except ApiError as exc:
+                    await self._poll_failed(exc, backoff)
+                else:
+                    backoff.reset()
+            self._poll_scope = None
+            # Outside the scope: whatever a poll returned is dispatched, stopping or not.
+            self.dispatch(items, work)
+
+    async def poll(self, max_commands: int) -> list[Any]:
+        """Phase 1: one long poll."""
+        items = await self._api.poll(self._runner_id, max_commands)
+        self._on_contact()
+        log.debug("poll answered", commands=len(items), asked=max_commands)
+        return items
+
+    def dispatch(self, items: list[Any], work: TaskGroup) -> None:
+        """Phase 2: claim each item and start its task; malformed items are answered failed."""
+        for raw in items:
+            parsed = parse_command(raw)
+            if isinstance(parsed, str):
+                self._stats.dropped += 1
+                log.error("ignoring a poll item that cannot be answered", problem=parsed)
+                continue
+            if parsed.command_id in self._claimed:
+                log.warning("poll returned a command already in flight", command_id=parsed.command_id)
+                continue
+            scope = anyio.CancelScope()
+            self._claimed[parsed.command_id] = scope
+            work.start_soon(self._run_command, parsed, scope)
+
+    async def _run_command(self, command: BridgeCommand | MalformedCommand, scope: anyio.CancelScope) -> None:
+        start = time.monotonic()
+        try:
+            outcome = await self._execute_in_slot(command, scope, start)
+            await self.reporter.report(command.command_id, command.type, outcome)
+        finally:
+            del self._claimed[command.command_id]
+            self._notify()
+
+    async def _execute_in_slot(
+        self, command: BridgeCommand | MalformedCommand, scope: anyio.CancelScope, start: float
+    ) -> Outcome:
+        """Phase 3: run the handler in an execution slot; a shutdown cancel becomes a result."""
+        if isinstance(command, MalformedCommand):
+            return Outcome.failed("invalid_args", f"Malformed command from server: {command.problem}")
+        if self.stopping:
+            return Outcome.failed("cancelled", "The runner is shutting down; the command was not started")
+        outcome: Outcome | None = None
+        with scope:
+            async with self._limiter:
+                log.debug("command started", command_id=command.command_id, type=command.type)
+                outcome = await self.executor.execute(command)
+        if outcome is None:
+            return Outcome.failed(
+                "cancelled", "The runner shut down before the command finished", _elapsed_ms(start)
+            )
+        return outcome
+
+    def _free_slots(self) -> int:
+        return self._settings.max_concurrency - len(self._claimed)
+
+    def _notify(self) -> None:
+        """Wake every waiter; each waits on the event current when it started waiting."""
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def _wait_for_free_slot(self) -> None:
+        while self._free_slots() <= 0 and not self.stopping:
+            await self._changed.wait()
+
+    async def wait_idle(self) -> None:
+        while self._claimed:
+            await self._changed.wait()
+
+    async def _poll_failed(self, exc: ApiError, backoff: Backoff) -> None:
+        self._stats.poll_errors += 1
+        self._stats.last_error = str(exc)
+        # A 4xx other than the fatal ones will not fix itself soon: back off as for a 5xx.
+        delay = exc.retry_after if isinstance(exc, RateLimited) else backoff.next_delay()
+        # The first failure of an outage is a warning; the rest of it would only be noise.
+        level = log.warning if backoff.attempts <= 1 or isinstance(exc, RateLimited) else log.debug
+        level("poll failed; retrying", error=str(exc), retry_in=round(delay, 2))
+        await anyio.sleep(delay)
+
+    async def drain(self, grace: float, work: TaskGroup) -> int:
+        """Let in-flight commands finish, then cancel and report the rest; returns unreported."""
+        if self._claimed:
+            log.info("draining in-flight commands", in_flight=len(self._claimed), grace_seconds=grace)
+        with anyio.move_on_after(grace):
+            await self.wait_idle()
+        if self._claimed:
+            log.warning("grace period over; cancelling commands", in_flight=len(self._claimed))
+            self.cancel_in_flight()
+        with anyio.move_on_after(FINAL_REPORT_SECONDS):
+            await self.wait_idle()
+        unreported = len(self._claimed)
+        if unreported:
+            log.error("exiting with results not delivered", commands=sorted(self._claimed))
+            work.cancel_scope.cancel()
+        return unreported

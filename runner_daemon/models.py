@@ -1,0 +1,113 @@
+"""Wire models of Opik's local-runner API, field names exactly as on the wire.
+
+Requests are built from these and serialised once; responses are validated through them, so a
+malformed answer surfaces as a ``ValidationError`` at the edge instead of a ``KeyError`` deep
+inside the loop.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CommandStatus = Literal["pending", "picked_up", "completed", "failed", "timed_out"]
+ReportStatus = Literal["completed", "failed"]
+RunnerStatus = Literal["pairing", "connected", "disconnected"]
+
+BRIDGE_CAPABILITY = "bridge"
+
+
+class _Wire(BaseModel):
+    # Opik may add fields; ignoring them keeps an older daemon working against a newer server.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class HeartbeatRequest(_Wire):
+    capabilities: list[str]
+
+
+class HeartbeatResponse(_Wire):
+    cancelled_job_ids: list[str] = Field(default_factory=list)
+
+
+class PollRequest(_Wire):
+    max_commands: int
+
+
+class BridgeCommand(_Wire):
+    """One item of a poll answer."""
+
+    # The id goes into a URL path: anything but a plain token is refused, not escaped.
+    command_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")
+    type: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    timeout_seconds: int | None = None
+    submitted_at: datetime | None = None
+
+
+class PollResponse(_Wire):
+    # Items stay raw here: one malformed item must not cost the others their report.
+    commands: list[Any] = Field(default_factory=list)
+
+
+class CommandError(_Wire):
+    code: str
+    message: str
+
+
+class ResultReport(_Wire):
+    """Body of ``POST .../bridge/commands/{commandId}/results``."""
+
+    status: ReportStatus
+    result: dict[str, Any] | None = None
+    error: CommandError | None = None
+    duration_ms: int | None = None
+
+
+class SubmitRequest(_Wire):
+    type: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    timeout_seconds: int | None = None
+
+
+class SubmitResponse(_Wire):
+    command_id: str
+
+
+class CommandRecord(_Wire):
+    """The full command, as ``GET .../bridge/commands/{commandId}`` returns it."""
+
+    command_id: str
+    runner_id: str
+    type: str
+    status: CommandStatus
+    args: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    error: CommandError | None = None
+    timeout_seconds: int | None = None
+    submitted_at: datetime | None = None
+    picked_up_at: datetime | None = None
+    completed_at: datetime | None = None
+    duration_ms: int | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in ("completed", "failed", "timed_out")
+
+
+class Runner(_Wire):
+    id: str
+    name: str | None = None
+    project_id: str | None = None
+    status: RunnerStatus
+    connected_at: datetime | None = None
+    type: str | None = None
+    capabilities: list[str] = Field(default_factory=list)
+
+
+class DevRunnerCreated(_Wire):
+    """Answer of the dev server's ``POST /dev/runners`` (not part of Opik's API)."""
+
+    runner_id: str

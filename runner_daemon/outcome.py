@@ -1,0 +1,89 @@
+"""A command's final outcome and its wire encoding: pure functions, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from runner_daemon.errors import describe_validation_error
+from runner_daemon.models import BridgeCommand, CommandError, ReportStatus, ResultReport
+
+DEFAULT_TIMEOUT_SECONDS = 30
+MIN_TIMEOUT_SECONDS = 1
+MAX_TIMEOUT_SECONDS = 300
+# Opik refuses an args/result/error over this many characters of JSON with a 400.
+MAX_PAYLOAD_CHARS = 1_048_576
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: ReportStatus
+    result: dict[str, Any] | None = None
+    error: CommandError | None = None
+    duration_ms: int | None = None
+
+    @classmethod
+    def completed(cls, result: dict[str, Any], duration_ms: int) -> Outcome:
+        return cls("completed", result=result, duration_ms=duration_ms)
+
+    @classmethod
+    def failed(cls, code: str, message: str, duration_ms: int | None = None) -> Outcome:
+        return cls("failed", error=CommandError(code=code, message=message), duration_ms=duration_ms)
+
+    @property
+    def error_code(self) -> str | None:
+        return self.error.code if self.error else None
+
+
+@dataclass(frozen=True, slots=True)
+class MalformedCommand:
+    """A poll item we cannot run but can still answer, because its id is usable."""
+
+    command_id: str
+    type: str
+    problem: str
+
+
+def clamp_timeout(timeout_seconds: int | None) -> float:
+    """The command's time limit: missing or non-positive means the default; clamped to [1, 300]."""
+    if timeout_seconds is None or timeout_seconds <= 0:
+        return float(DEFAULT_TIMEOUT_SECONDS)
+    return float(min(max(timeout_seconds, MIN_TIMEOUT_SECONDS), MAX_TIMEOUT_SECONDS))
+
+
+def parse_command(raw: Any) -> BridgeCommand | MalformedCommand | str:
+    """Validate one poll item; a string return says why it cannot even be answered."""
+    try:
+        return BridgeCommand.model_validate(raw)
+    except ValidationError as exc:
+        problem = describe_validation_error(exc)
+    command_id = raw.get("command_id") if isinstance(raw, dict) else None
+    try:
+        BridgeCommand.model_validate({"command_id": command_id, "type": ""})
+    except ValidationError:
+        return f"command without a usable command_id ({problem})"
+    raw_type = raw.get("type") if isinstance(raw, dict) else None
+    return MalformedCommand(str(command_id), raw_type if isinstance(raw_type, str) else "", problem)
+
+
+def encode_report(outcome: Outcome) -> bytes:
+    """Serialise the report once; a result over Opik's payload cap becomes a failure instead."""
+    report = ResultReport(
+        status=outcome.status,
+        result=outcome.result,
+        error=outcome.error,
+        duration_ms=outcome.duration_ms,
+    )
+    body = report.model_dump_json(exclude_none=True).encode()
+    # Bytes of UTF-8 are never fewer than characters, so this check is conservative.
+    if len(body) > MAX_PAYLOAD_CHARS:
+        return encode_report(
+            Outcome.failed(
+                "result_too_large",
+                f"The result is larger than the server accepts ({MAX_PAYLOAD_CHARS} characters)",
+                outcome.duration_ms,
+            )
+        )
+    return body

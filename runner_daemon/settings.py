@@ -1,0 +1,153 @@
+"""Settings: one validated object, built once at start and passed down.
+
+Sources, highest priority first: command-line flags, ``RUNNER_DAEMON_*`` environment
+variables, Opik's own variables (``OPIK_URL_OVERRIDE``, ``OPIK_API_KEY``,
+``OPIK_WORKSPACE``), the TOML file given with ``--config``, then the defaults below.
+Nothing reads the environment after :func:`load_settings` returns.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from runner_daemon.errors import ConfigError, describe_validation_error
+
+ENV_PREFIX = "RUNNER_DAEMON_"
+
+# Opik's SDK and CLI read these; honouring them lets one environment serve both.
+OPIK_ENV_NAMES: Mapping[str, str] = {
+    "OPIK_URL_OVERRIDE": "url",
+    "OPIK_API_KEY": "api_key",
+    "OPIK_WORKSPACE": "workspace",
+}
+
+LogFormat = Literal["auto", "json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class _OpikEnvSource(PydanticBaseSettingsSource):
+    """Reads Opik's own environment variable names, below ``RUNNER_DAEMON_*`` in priority."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ below does the whole job
+
+    def __call__(self) -> dict[str, Any]:
+        return {field: os.environ[name] for name, field in OPIK_ENV_NAMES.items() if os.environ.get(name)}
+
+
+class Settings(BaseSettings):
+    """Every knob of the daemon. Secrets are ``SecretStr`` so ``repr()`` masks them."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+        env_ignore_empty=True,
+    )
+
+    url: str = Field(
+        "http://localhost:5173/api/",
+        description="Opik API base URL (ends in /api/ for a self-hosted Opik).",
+    )
+    api_key: SecretStr | None = Field(None, description="Opik API key; not needed locally.")
+    workspace: str | None = Field(None, description="Opik workspace name (Comet-Workspace).")
+    runner_id: uuid.UUID | None = Field(None, description="The paired runner's id.")
+    workspace_root: Path = Field(
+        Path("."), description="The folder the handlers may read; nothing outside it."
+    )
+    max_concurrency: int = Field(10, ge=1, le=64)
+    heartbeat_interval_seconds: float = Field(5.0, gt=0, le=60)
+    shutdown_grace_seconds: float = Field(20.0, ge=0, le=3600)
+    disconnect_on_exit: bool = False
+    poll_timeout_seconds: float = Field(
+        45.0, ge=5, le=600, description="Read timeout of a long poll; above the server's hold."
+    )
+    request_timeout_seconds: float = Field(10.0, gt=0, le=300)
+    connect_timeout_seconds: float = Field(5.0, gt=0, le=120)
+    retry_initial_seconds: float = Field(0.5, gt=0, le=60)
+    retry_max_seconds: float = Field(30.0, gt=0, le=600)
+    report_retry_seconds: float = Field(
+        600.0, gt=0, le=86400, description="How long one result is retried before it is dropped."
+    )
+    log_format: LogFormat = "auto"
+    log_level: LogLevel = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # pydantic-settings reads a TOML file only when its source is listed here.
+        return (
+            init_settings,
+            env_settings,
+            _OpikEnvSource(settings_cls),
+            TomlConfigSettingsSource(settings_cls),
+        )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        value = value.strip()
+        if not value.startswith(("http://", "https://")) or value[-3:] == "://":
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        return value if value.endswith("/") else value + "/"
+
+    @field_validator("workspace_root")
+    @classmethod
+    def _check_workspace_root(cls, value: Path) -> Path:
+        resolved = value.expanduser().resolve()
+        if not resolved.is_dir():
+            raise ValueError(f"{str(value)!r} is not an existing folder")
+        return resolved
+
+    @model_validator(mode="after")
+    def _check_retry_bounds(self) -> Settings:
+        if self.retry_initial_seconds > self.retry_max_seconds:
+            raise ValueError("retry_initial_seconds must not exceed retry_max_seconds")
+        return self
+
+    def secret_values(self) -> tuple[str, ...]:
+        """The raw secrets, so log output can be scrubbed of them."""
+        return tuple(s.get_secret_value() for s in (self.api_key,) if s is not None)
+
+
+def load_settings(config_file: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Build and validate the settings once; raise :class:`ConfigError` with one clear line."""
+    flags = {key: value for key, value in (overrides or {}).items() if value is not None}
+    settings_cls: type[Settings] = Settings
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"config: {config_file} does not exist or is not a file")
+
+        class FileSettings(Settings):
+            model_config = SettingsConfigDict(toml_file=config_file)
+
+        settings_cls = FileSettings
+    try:
+        return settings_cls(**flags)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, unknown="unknown setting")) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {config_file} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {config_file}: {exc.strerror}") from None
