@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from runner_daemon.client import RunnerApi
+from runner_daemon.devserver.server import DevServer, DevServerConfig
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings read the environment: a developer's OPIK_API_KEY must not leak into tests."""
+    import os
+
+    for key in list(os.environ):
+        if key.startswith(("RUNNER_DAEMON_", "OPIK_")):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture
+def devserver_config() -> DevServerConfig:
+    return DevServerConfig(poll_hold_seconds=1.0, reaper_interval_seconds=0.2, stale_grace_seconds=1.0)
+
+
+@pytest.fixture
+def devserver(devserver_config: DevServerConfig) -> Iterator[DevServer]:
+    with DevServer(config=devserver_config) as server:
+        yield server
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    root = tmp_path / "ws"
+    (root / "src" / "pkg").mkdir(parents=True)
+    (root / "README.md").write_text("# title\nline two\nline three\n")
+    (root / "src" / "main.py").write_text("print('hi')\r\nprint('bye')\r\n")
+    (root / "src" / "pkg" / "mod.py").write_text("x = 1\n")
+    (root / "src" / "data.bin").write_bytes(b"\x00\x01\x02")
+    (root / "node_modules").mkdir()
+    (root / "node_modules" / "dep.js").write_text("//\n")
+    return root
+
+
+@pytest.fixture
+async def api(devserver: DevServer) -> AsyncIterator[RunnerApi]:
+    async with RunnerApi(devserver.url) as client:
+        yield client
+
+
+@pytest.fixture
+async def runner_id(api: RunnerApi) -> str:
+    return await api.dev_create_runner("test-runner")

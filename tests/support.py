@@ -1,0 +1,144 @@
+"""Test-only handlers and helpers shared by the test modules and the subprocess daemon."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anyio
+
+from runner_daemon.client import RunnerApi
+from runner_daemon.daemon import Daemon
+from runner_daemon.handlers import HandlerRegistry, discover
+from runner_daemon.handlers.base import Args, Handler, HandlerContext
+from runner_daemon.settings import Settings, load_settings
+
+# Short timings so failures and retries take milliseconds, not seconds.
+FAST = {
+    "heartbeat_interval_seconds": 0.3,
+    "retry_initial_seconds": 0.02,
+    "retry_max_seconds": 0.2,
+    "shutdown_grace_seconds": 2,
+    "request_timeout_seconds": 5,
+    "poll_timeout_seconds": 10,
+}
+
+
+class SlowArgs(Args):
+    seconds: float
+    marker: str | None = None
+
+
+class SlowHandler(Handler[SlowArgs]):
+    """Sleeps, then leaves a side effect: a file named ``marker`` in the workspace."""
+
+    command_type = "Slow"
+    args_model = SlowArgs
+
+    async def run(self, args: SlowArgs, ctx: HandlerContext) -> dict[str, Any]:
+        await anyio.sleep(args.seconds)
+        if args.marker:
+            (ctx.workspace.root / args.marker).write_text("done")
+        return {"slept": args.seconds}
+
+
+@dataclass
+class ProbeHandler(Handler[SlowArgs]):
+    """Records how many of its commands run at the same time."""
+
+    command_type: ClassVar[str] = "Probe"
+    args_model = SlowArgs
+    running: int = 0
+    peak: int = 0
+    executions: int = 0
+
+    async def run(self, args: SlowArgs, ctx: HandlerContext) -> dict[str, Any]:
+        self.running += 1
+        self.executions += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await anyio.sleep(args.seconds)
+        finally:
+            self.running -= 1
+        return {"ok": True}
+
+
+class BoomHandler(Handler[Args]):
+    command_type = "Boom"
+    args_model = Args
+
+    async def run(self, args: Args, ctx: HandlerContext) -> dict[str, Any]:
+        raise RuntimeError("secret internals that must not reach the result")
+
+
+def registry_for_tests(*extra: Handler[Any]) -> HandlerRegistry:
+    return discover().with_handlers(SlowHandler(), BoomHandler(), *extra)
+
+
+def make_settings(url: str, runner_id: str, workspace: Path, **overrides: Any) -> Settings:
+    return load_settings(
+        None, {"url": url, "runner_id": runner_id, "workspace_root": workspace, **FAST, **overrides}
+    )
+
+
+@dataclass
+class Running:
+    daemon: Daemon
+    exit_status: int | None = None
+
+
+@asynccontextmanager
+async def running_daemon(
+    settings: Settings, registry: HandlerRegistry | None = None
+) -> AsyncIterator[Running]:
+    """Run a daemon in this event loop; on exit, stop it gracefully and record its status."""
+    async with RunnerApi.from_settings(settings) as api:
+        daemon = Daemon(settings, api, registry or registry_for_tests())
+        running = Running(daemon)
+
+        async def run() -> None:
+            running.exit_status = int(await daemon.run())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            with anyio.fail_after(10):
+                await daemon.running.wait()
+            yield running
+            daemon.request_stop("test over")
+
+
+async def wait_terminal(api: RunnerApi, runner_id: str, command_id: str, timeout: float = 10) -> Any:
+    record = await api.get_command(runner_id, command_id, wait=timeout)
+    assert record.terminal, f"command {command_id} still {record.status}"
+    return record
+
+
+def environ_without_settings() -> dict[str, str]:
+    return {
+        key: value for key, value in os.environ.items() if not key.startswith(("RUNNER_DAEMON_", "OPIK_"))
+    }
+
+
+async def until(check: Callable[[], Any], timeout: float = 10.0) -> None:
+    """Wait for a condition we cannot be notified of (server state, another process)."""
+    with anyio.fail_after(timeout):
+        while True:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+            await anyio.sleep(0.02)
+
+
+async def command_status_is(api: RunnerApi, runner_id: str, command_id: str, status: str) -> bool:
+    return (await api.get_command(runner_id, command_id)).status == status
+
+
+async def runner_connected(api: RunnerApi, runner_id: str) -> bool:
+    return (await api.get_runner(runner_id)).status == "connected"

@@ -1,0 +1,234 @@
+"""The command line: exit statuses, config errors, check-config, signals in a real process."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from runner_daemon.cli import main
+from runner_daemon.client import RunnerApi
+from runner_daemon.devserver.server import DevServer
+from tests.support import (
+    FAST,
+    command_status_is,
+    environ_without_settings,
+    runner_connected,
+    until,
+    wait_terminal,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+RUNNER = "3d1f0a7e-8a67-4a53-9a70-0e3b9cfa7c10"
+
+
+def _one_line_config_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    assert main(argv) == 78
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("runner-daemon: config error: ")
+    assert "Traceback" not in err
+    return err
+
+
+def test_bad_flag_value_names_the_key(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _one_line_config_error(capsys, ["run", "--runner-id", RUNNER, "--max-concurrency", "0"])
+    assert "max_concurrency: Input should be greater than or equal to 1" in err
+
+
+def test_bad_environment_value_names_the_key(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNNER_DAEMON_HEARTBEAT_INTERVAL_SECONDS", "often")
+    err = _one_line_config_error(capsys, ["run", "--runner-id", RUNNER])
+    assert "heartbeat_interval_seconds:" in err
+
+
+def test_missing_runner_id_is_a_config_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "runner_id: required" in _one_line_config_error(capsys, ["run"])
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("max_concurency = 3\n", "max_concurency: unknown setting"),
+        ("url = \n", "is not valid TOML"),
+        ('url = "ftp://example.com"\n', "url: Value error, must be an http:// or https:// URL"),
+        ('workspace_root = "/nonexistent/folder"\n', "workspace_root: Value error"),
+        ('log_format = "xml"\n', "log_format: Input should be 'auto', 'json' or 'console'"),
+    ],
+)
+def test_bad_config_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, content: str, expected: str
+) -> None:
+    config = tmp_path / "runner-daemon.toml"
+    config.write_text(content)
+    assert expected in _one_line_config_error(capsys, ["run", "--runner-id", RUNNER, "--config", str(config)])
+
+
+def test_missing_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    err = _one_line_config_error(capsys, ["check-config", "--config", str(tmp_path / "nope.toml")])
+    assert "does not exist" in err
+
+
+def test_precedence_flags_over_env_over_opik_env_over_file(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('max_concurrency = 3\nurl = "http://file.example/api"\nworkspace = "from-file"\n')
+    monkeypatch.setenv("RUNNER_DAEMON_MAX_CONCURRENCY", "4")
+    monkeypatch.setenv("OPIK_URL_OVERRIDE", "http://opik-env.example/api")
+    monkeypatch.setenv("OPIK_WORKSPACE", "from-opik-env")
+    monkeypatch.setenv("RUNNER_DAEMON_WORKSPACE", "from-our-env")
+    assert main(["check-config", "--config", str(config), "--log-level", "debug"]) == 0
+    out = capsys.readouterr().out
+    assert "max_concurrency = 4\n" in out
+    assert 'url = "http://opik-env.example/api/"\n' in out
+    assert 'workspace = "from-our-env"\n' in out
+    assert 'log_level = "debug"\n' in out
+    assert main(["check-config", "--config", str(config), "--max-concurrency", "5"]) == 0
+    assert "max_concurrency = 5\n" in capsys.readouterr().out
+
+
+def test_check_config_masks_the_api_key(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPIK_API_KEY", "sk-very-secret-value")
+    assert main(["check-config"]) == 0
+    out = capsys.readouterr().out
+    assert "sk-very-secret-value" not in out
+    assert 'api_key = "**********"' in out
+
+
+def test_example_config_is_valid_and_documents_every_key(capsys: pytest.CaptureFixture[str]) -> None:
+    from runner_daemon.settings import Settings
+
+    example = REPO / "config" / "runner-daemon.toml"
+    assert main(["check-config", "--config", str(example)]) == 0
+    text = example.read_text()
+    for key in Settings.model_fields:
+        assert f"# {key} = " in text, f"{key} is not documented in {example.name}"
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("runner-daemon 0.")
+
+
+def test_bad_config_in_a_real_process_exits_78_without_traceback() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner_daemon", "run", "--runner-id", "not-a-uuid"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=REPO,
+        env=environ_without_settings(),
+    )
+    assert proc.returncode == 78
+    assert proc.stderr.startswith("runner-daemon: config error: runner_id: ")
+    assert proc.stderr.count("\n") == 1
+
+
+# --- signals, in a real daemon process --------------------------------------------------
+
+
+@pytest.fixture
+def spawn_daemon(devserver: DevServer, workspace: Path) -> Iterator[object]:
+    procs: list[subprocess.Popen[str]] = []
+
+    def spawn(runner_id: str, **settings: object) -> subprocess.Popen[str]:
+        env = environ_without_settings()
+        values = {**FAST, "log_format": "json", **settings}
+        env.update({f"RUNNER_DAEMON_{k.upper()}": str(v) for k, v in values.items()})
+        env.update(
+            RUNNER_DAEMON_URL=devserver.url,
+            RUNNER_DAEMON_RUNNER_ID=runner_id,
+            RUNNER_DAEMON_WORKSPACE_ROOT=str(workspace),
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.slow_daemon"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def _wait_in_flight(api: RunnerApi, runner_id: str, command_id: str) -> None:
+    await until(lambda: command_status_is(api, runner_id, command_id, "picked_up"), 20)
+    await anyio.sleep(0.2)
+
+
+async def _wait_connected(api: RunnerApi, runner_id: str) -> None:
+    await until(lambda: runner_connected(api, runner_id), 20)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_sigterm_drains_the_slow_command_and_exits_0(
+    spawn_daemon: object, api: RunnerApi, runner_id: str
+) -> None:
+    proc = spawn_daemon(runner_id)  # type: ignore[operator]
+    await _wait_connected(api, runner_id)
+    command_id = await api.submit_command(runner_id, "Slow", {"seconds": 1.0, "marker": "drained.txt"})
+    await _wait_in_flight(api, runner_id, command_id)
+    proc.send_signal(signal.SIGTERM)
+    record = await wait_terminal(api, runner_id, command_id)
+    _, stderr = await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=20))
+    assert proc.returncode == 0, stderr
+    assert record.status == "completed"
+    lines = [json.loads(line) for line in stderr.splitlines()]
+    finished = [line for line in lines if line["event"] == "command finished"]
+    assert len(finished) == 1
+    assert finished[0]["command_id"] == command_id
+    assert finished[0]["type"] == "Slow"
+    assert finished[0]["status"] == "completed"
+    assert isinstance(finished[0]["duration_ms"], int)
+    assert any(line["event"].startswith("stopping") and line["reason"] == "SIGTERM" for line in lines)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_second_signal_exits_at_once(spawn_daemon: object, api: RunnerApi, runner_id: str) -> None:
+    proc = spawn_daemon(runner_id, shutdown_grace_seconds=60)  # type: ignore[operator]
+    await _wait_connected(api, runner_id)
+    command_id = await api.submit_command(runner_id, "Slow", {"seconds": 60})
+    await _wait_in_flight(api, runner_id, command_id)
+    proc.send_signal(signal.SIGTERM)
+    await anyio.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=10))
+    assert proc.returncode == 128 + signal.SIGINT
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_disconnected_runner_process_exits_69_with_a_clear_line(
+    spawn_daemon: object, api: RunnerApi, runner_id: str
+) -> None:
+    proc = spawn_daemon(runner_id)  # type: ignore[operator]
+    await _wait_connected(api, runner_id)
+    await api.disconnect(runner_id)
+    _, stderr = await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=20))
+    assert proc.returncode == 69
+    errors = [json.loads(line) for line in stderr.splitlines() if '"level": "error"' in line]
+    assert len(errors) == 1
+    assert "pair a runner again" in errors[0]["event"]

@@ -1,0 +1,115 @@
+"""The API client against the dev server: status mapping, Retry-After, cancellation under load."""
+
+from __future__ import annotations
+
+import random
+
+import anyio
+import httpx
+import pytest
+
+from runner_daemon.client import RunnerApi, retry_after_seconds
+from runner_daemon.devserver.server import DevServer
+from runner_daemon.errors import (
+    AlreadyReported,
+    Conflict,
+    RateLimited,
+    RequestRejected,
+    RunnerEvicted,
+    RunnerGone,
+    ServerError,
+    TransportError,
+    Unauthorized,
+)
+from runner_daemon.models import ResultReport
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (404, RunnerGone),
+        (410, RunnerEvicted),
+        (409, Conflict),
+        (401, Unauthorized),
+        (403, Unauthorized),
+        (400, RequestRejected),
+        (422, RequestRejected),
+        (500, ServerError),
+        (502, ServerError),
+        (503, ServerError),
+    ],
+)
+async def test_status_codes_map_to_the_error_tree(
+    api: RunnerApi, runner_id: str, status: int, error: type[Exception]
+) -> None:
+    await api.dev_post("faults", {"route": "heartbeat", "status": status})
+    with pytest.raises(error) as info:
+        await api.heartbeat(runner_id, ["bridge"])
+    assert f"HTTP {status}" in str(info.value)
+    assert "injected fault" in str(info.value)
+
+
+async def test_rate_limit_carries_retry_after(api: RunnerApi, runner_id: str) -> None:
+    await api.dev_post("faults", {"route": "heartbeat", "status": 429, "retry_after": 7})
+    with pytest.raises(RateLimited) as info:
+        await api.heartbeat(runner_id, ["bridge"])
+    assert info.value.retry_after == 7
+
+
+async def test_report_conflict_is_already_reported(api: RunnerApi, runner_id: str) -> None:
+    await api.heartbeat(runner_id, ["bridge"])
+    command_id = await api.submit_command(runner_id, "ReadFile", {"path": "x"})
+    body = ResultReport(status="completed", result={}).model_dump_json().encode()
+    await api.report(runner_id, command_id, body, conflict=AlreadyReported)
+    with pytest.raises(AlreadyReported):
+        await api.report(runner_id, command_id, body, conflict=AlreadyReported)
+
+
+async def test_unreachable_server_is_a_transport_error() -> None:
+    with anyio.fail_after(10):
+        async with RunnerApi("http://127.0.0.1:9/api/", connect_timeout=1) as client:
+            with pytest.raises(TransportError):
+                await client.heartbeat("r", ["bridge"])
+
+
+def _response(headers: dict[str, str]) -> httpx.Response:
+    return httpx.Response(429, headers=headers, request=httpx.Request("POST", "http://x/"))
+
+
+def test_retry_after_forms() -> None:
+    assert retry_after_seconds(_response({"Retry-After": "3"})) == 3
+    assert retry_after_seconds(_response({"RateLimit-Reset": "2.5"})) == 2.5
+    assert retry_after_seconds(_response({"Retry-After": "Thu, 01 Jan 1970 00:01:40 GMT"}), now=90) == 10
+    assert retry_after_seconds(_response({"Retry-After": "99999"})) == 300
+    assert retry_after_seconds(_response({"Retry-After": "-4"})) == 0
+    assert retry_after_seconds(_response({"Retry-After": "soon"})) == 1
+    assert retry_after_seconds(_response({})) == 1
+
+
+async def _wait_for(client: RunnerApi, runner_id: str, command_id: str, seconds: float) -> None:
+    await client.get_command(runner_id, command_id, wait=seconds)
+
+
+async def test_cancelling_requests_under_a_contended_pool_leaks_no_slot(
+    devserver: DevServer, runner_id: str
+) -> None:
+    """httpcore #1093: cancellations while waiting for a pooled connection must free it."""
+    async with RunnerApi(devserver.url, max_connections=4, request_timeout=5) as client:
+        await client.heartbeat(runner_id, ["bridge"])
+        command_id = await client.submit_command(runner_id, "ReadFile", {"path": "x"})
+        rng = random.Random(1093)
+        for _ in range(5):
+            async with anyio.create_task_group() as tg:
+                for _ in range(40):
+                    tg.start_soon(_wait_for, client, runner_id, command_id, 0.5)
+                await anyio.sleep(rng.uniform(0.001, 0.05))
+                tg.cancel_scope.cancel()
+        # All four connections must be usable again: four long waits at once, then more.
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for _ in range(4):
+                    tg.start_soon(_wait_for, client, runner_id, command_id, 1)
+            for _ in range(20):
+                await client.get_runner(runner_id)

@@ -1,0 +1,257 @@
+"""The daemon end to end against the dev server on 127.0.0.1 (asyncio and trio)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from runner_daemon.client import RunnerApi
+from runner_daemon.daemon import ExitStatus
+from runner_daemon.devserver.server import DevServer
+from runner_daemon.errors import Conflict
+from runner_daemon.loop import BridgeLoop, LoopStats
+from runner_daemon.models import ResultReport
+from runner_daemon.settings import Settings
+from tests.support import (
+    ProbeHandler,
+    command_status_is,
+    make_settings,
+    registry_for_tests,
+    running_daemon,
+    until,
+    wait_terminal,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_read_file_and_list_files_happy_path(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+) -> None:
+    async with running_daemon(make_settings(devserver.url, runner_id, workspace)):
+        read = await api.submit_command(runner_id, "ReadFile", {"path": "README.md", "offset": 1})
+        listing = await api.submit_command(runner_id, "ListFiles", {"depth": 3})
+        read_record = await wait_terminal(api, runner_id, read)
+        list_record = await wait_terminal(api, runner_id, listing)
+    assert read_record.status == "completed"
+    assert read_record.result == {
+        "content": "line two\nline three\n",
+        "total_lines": 3,
+        "truncated": False,
+        "encoding": "utf-8",
+    }
+    assert isinstance(read_record.duration_ms, int)
+    assert read_record.error is None
+    assert list_record.status == "completed"
+    assert list_record.result == {
+        "files": ["src/", "src/pkg/", "README.md", "src/data.bin", "src/main.py", "src/pkg/mod.py"],
+        "total": 6,
+        "truncated": False,
+    }
+
+
+async def test_unknown_type_and_invalid_args_fail_with_codes(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+) -> None:
+    async with running_daemon(make_settings(devserver.url, runner_id, workspace)):
+        unknown = await api.submit_command(runner_id, "Teleport", {"path": "x"})
+        invalid = await api.submit_command(runner_id, "ReadFile", {"path": "README.md", "offset": "many"})
+        boom = await api.submit_command(runner_id, "Boom", {})
+        unknown_record = await wait_terminal(api, runner_id, unknown)
+        invalid_record = await wait_terminal(api, runner_id, invalid)
+        boom_record = await wait_terminal(api, runner_id, boom)
+    assert unknown_record.status == "failed"
+    assert unknown_record.error is not None and unknown_record.error.code == "unknown_type"
+    assert unknown_record.duration_ms is None
+    assert invalid_record.error is not None and invalid_record.error.code == "invalid_args"
+    assert invalid_record.error.message.startswith("offset: ")
+    assert boom_record.error is not None
+    assert (boom_record.error.code, boom_record.error.message) == ("internal", "Internal error")
+
+
+async def test_timeout_really_cancels_the_handler(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+) -> None:
+    async with running_daemon(make_settings(devserver.url, runner_id, workspace)):
+        started = time.monotonic()
+        command_id = await api.submit_command(
+            runner_id, "Slow", {"seconds": 2.0, "marker": "late.txt"}, timeout_seconds=1
+        )
+        record = await wait_terminal(api, runner_id, command_id)
+        assert record.status == "failed"
+        assert record.error is not None and record.error.code == "timeout"
+        assert record.error.message == "Command timed out after 1s"
+        assert record.duration_ms is not None and 900 <= record.duration_ms < 2000
+        # Past the moment the handler would have written its marker: nothing was written.
+        await anyio.sleep(max(0.0, 2.5 - (time.monotonic() - started)))
+    assert not (workspace / "late.txt").exists()
+
+
+async def test_never_more_than_max_concurrency_handlers(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+) -> None:
+    probe = ProbeHandler()
+    settings = make_settings(devserver.url, runner_id, workspace, max_concurrency=3)
+    async with running_daemon(settings, registry_for_tests(probe)):
+        ids = [await api.submit_command(runner_id, "Probe", {"seconds": 0.2}) for _ in range(12)]
+        records = [await wait_terminal(api, runner_id, command_id) for command_id in ids]
+    assert [r.status for r in records] == ["completed"] * 12
+    assert probe.executions == 12
+    assert probe.peak == 3  # the bound holds, and it is really used
+    stats = await api.dev_get(f"runners/{runner_id}/stats")
+    assert max(stats["max_commands_asked"]) <= 3
+
+
+async def test_duplicate_report_is_treated_as_done(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+) -> None:
+    async with running_daemon(make_settings(devserver.url, runner_id, workspace)) as running:
+        command_id = await api.submit_command(runner_id, "Slow", {"seconds": 0.5})
+        # Someone else (a previous run of the daemon, say) reports first.
+        await until(lambda: command_status_is(api, runner_id, command_id, "picked_up"), 5)
+        body = ResultReport(status="completed", result={"by": "test"}).model_dump_json().encode()
+        await api.report(runner_id, command_id, body, conflict=Conflict)
+        await until(lambda: running.daemon.stats.already_reported > 0, 5)
+    record = await api.get_command(runner_id, command_id)
+    assert record.result == {"by": "test"}
+    stats = await api.dev_get(f"runners/{runner_id}/stats")
+    assert (stats["reports_accepted"], stats["reports_conflict"]) == (1, 1)
+    assert running.daemon.stats.report_retries == 0
+    assert running.daemon.stats.dropped == 0
+    assert running.exit_status == ExitStatus.OK
+
+
+async def test_retries_429_and_5xx_until_stored_exactly_once(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+) -> None:
+    for status, count, retry_after in [(503, 2, None), (429, 1, 0.3), (500, 1, None), (502, 1, None)]:
+        payload = {"route": "report", "status": status, "count": count, "retry_after": retry_after}
+        await api.dev_post("faults", payload)
+    async with running_daemon(make_settings(devserver.url, runner_id, workspace)) as running:
+        started = time.monotonic()
+        command_id = await api.submit_command(runner_id, "ReadFile", {"path": "README.md"})
+        record = await wait_terminal(api, runner_id, command_id)
+        elapsed = time.monotonic() - started
+    assert record.status == "completed"
+    assert record.result is not None and record.result["total_lines"] == 3
+    assert running.daemon.stats.report_retries == 5
+    assert elapsed >= 0.3  # the 429's Retry-After was honoured
+    stats = await api.dev_get(f"runners/{runner_id}/stats")
+    assert (stats["reports_accepted"], stats["reports_conflict"]) == (1, 0)
+
+
+async def test_polling_really_resumes_after_an_outage(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+) -> None:
+    async with running_daemon(make_settings(devserver.url, runner_id, workspace)) as running:
+        await api.dev_post("faults", {"route": "poll", "status": 503, "count": 6})
+        await until(lambda: running.daemon.stats.poll_errors >= 6, 10)
+        command_id = await api.submit_command(runner_id, "ReadFile", {"path": "README.md"})
+        record = await wait_terminal(api, runner_id, command_id)
+    assert record.status == "completed"
+
+
+async def test_disconnect_mid_run_stops_with_the_documented_status(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+) -> None:
+    async with running_daemon(make_settings(devserver.url, runner_id, workspace)) as running:
+        await api.disconnect(runner_id)
+        await until(lambda: running.daemon.state == "stopped", 10)
+    assert running.exit_status == ExitStatus.DISCONNECTED == 69
+    assert running.daemon.fatal_error is not None
+
+
+async def test_unknown_runner_at_start_exits_disconnected(devserver: DevServer, workspace: Path) -> None:
+    from runner_daemon.daemon import Daemon
+
+    settings = make_settings(devserver.url, "7f1c2a52-0d6a-4a4e-9d0b-5a4a4f6d8e11", workspace)
+    async with RunnerApi.from_settings(settings) as client:
+        with anyio.fail_after(10):
+            status = await Daemon(settings, client, registry_for_tests()).run()
+    assert status == ExitStatus.DISCONNECTED
+
+
+async def test_stop_lets_in_flight_commands_finish(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+) -> None:
+    async with running_daemon(make_settings(devserver.url, runner_id, workspace)) as running:
+        command_id = await api.submit_command(runner_id, "Slow", {"seconds": 0.5, "marker": "done.txt"})
+        await until(lambda: running.daemon.loop.in_flight > 0, 5)
+        running.daemon.request_stop("test")
+        with anyio.fail_after(10):
+            await running.daemon.loop.wait_idle()
+    record = await api.get_command(runner_id, command_id)
+    assert record.status == "completed"
+    assert (workspace / "done.txt").exists()
+    assert running.exit_status == ExitStatus.OK
+
+
+async def test_grace_expiry_cancels_and_reports_cancelled(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+) -> None:
+    settings = make_settings(devserver.url, runner_id, workspace, shutdown_grace_seconds=0.3)
+    async with running_daemon(settings) as running:
+        command_id = await api.submit_command(runner_id, "Slow", {"seconds": 30, "marker": "never.txt"})
+        await until(lambda: running.daemon.loop.in_flight > 0, 5)
+        await anyio.sleep(0.1)  # let it start executing
+    record = await api.get_command(runner_id, command_id)
+    assert record.status == "failed"
+    assert record.error is not None and record.error.code == "cancelled"
+    assert record.duration_ms is not None
+    assert not (workspace / "never.txt").exists()
+    assert running.exit_status == ExitStatus.OK
+
+
+def _bare_loop(settings: Settings, api: RunnerApi) -> BridgeLoop:
+    """The loop's phases without a daemon around them."""
+    return BridgeLoop(settings, api, registry_for_tests(), LoopStats(), lambda exc: None, lambda: None)
+
+
+async def test_commands_returned_while_stopping_get_a_final_report(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+) -> None:
+    await api.heartbeat(runner_id, ["bridge"])
+    loop = _bare_loop(make_settings(devserver.url, runner_id, workspace), api)
+    ids = [await api.submit_command(runner_id, "ReadFile", {"path": "README.md"}) for _ in range(2)]
+    items = await loop.poll(5)  # a poll that was open when the stop came
+    loop.stop_polling()
+    async with anyio.create_task_group() as work:
+        loop.dispatch(items, work)
+    for command_id in ids:
+        record = await api.get_command(runner_id, command_id)
+        assert record.status == "failed"
+        assert record.error is not None and record.error.code == "cancelled"
+        assert "not started" in record.error.message
+
+
+async def test_malformed_poll_items_are_answered_or_logged(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+) -> None:
+    await api.heartbeat(runner_id, ["bridge"])
+    stats = LoopStats()
+    loop = BridgeLoop(
+        make_settings(devserver.url, runner_id, workspace),
+        api,
+        registry_for_tests(),
+        stats,
+        lambda exc: None,
+        lambda: None,
+    )
+    command_id = await api.submit_command(runner_id, "ReadFile", {"path": "README.md"})
+    assert len(await loop.poll(5)) == 1
+    items = [
+        {"command_id": command_id, "type": "ReadFile", "args": "not an object"},
+        {"type": "ReadFile", "args": {}},  # no id: cannot be answered
+        "garbage",
+        {"command_id": "../../escape", "type": "ReadFile", "args": {}},
+    ]
+    async with anyio.create_task_group() as work:
+        loop.dispatch(items, work)
+    record = await api.get_command(runner_id, command_id)
+    assert record.status == "failed"
+    assert record.error is not None and record.error.code == "invalid_args"
+    assert record.error.message.startswith("Malformed command from server: args:")
+    assert stats.dropped == 3

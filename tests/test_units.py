@@ -1,0 +1,139 @@
+"""Pure logic: backoff, timeouts, parsing and encoding, logging."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from typing import Any
+
+import pytest
+import structlog
+from hypothesis import given
+from hypothesis import strategies as st
+
+from runner_daemon.backoff import Backoff
+from runner_daemon.logs import configure_logging
+from runner_daemon.models import BridgeCommand
+from runner_daemon.outcome import (
+    MAX_PAYLOAD_CHARS,
+    MalformedCommand,
+    Outcome,
+    clamp_timeout,
+    encode_report,
+    parse_command,
+)
+
+
+def test_backoff_grows_with_jitter_and_is_capped() -> None:
+    backoff = Backoff(0.5, 4.0, rng=random.Random(7))
+    delays = [backoff.next_delay() for _ in range(10)]
+    ceilings = [0.5, 1, 2, 4, 4, 4, 4, 4, 4, 4]
+    for delay, ceiling in zip(delays, ceilings, strict=True):
+        assert ceiling / 2 <= delay <= ceiling
+    assert len(set(delays)) == len(delays)  # jittered, not a fixed schedule
+    backoff.reset()
+    assert backoff.next_delay() <= 0.5
+
+
+def test_backoff_survives_very_many_attempts() -> None:
+    backoff = Backoff(1.0, 30.0)
+    backoff.attempts = 10_000
+    assert 15.0 <= backoff.next_delay() <= 30.0
+
+
+@pytest.mark.parametrize(
+    ("given_timeout", "expected"),
+    [(None, 30.0), (0, 30.0), (-5, 30.0), (1, 1.0), (45, 45.0), (300, 300.0), (301, 300.0), (10**9, 300.0)],
+)
+def test_clamp_timeout(given_timeout: int | None, expected: float) -> None:
+    assert clamp_timeout(given_timeout) == expected
+
+
+def test_parse_command_accepts_a_wire_item() -> None:
+    item = {
+        "command_id": "0b6e1c64-4f5e-4d5e-9f6a-2f1e2d3c4b5a",
+        "type": "ReadFile",
+        "args": {"path": "a"},
+        "timeout_seconds": 12,
+        "submitted_at": "2026-11-28T10:00:00Z",
+        "future_field": 1,
+    }
+    parsed = parse_command(item)
+    assert isinstance(parsed, BridgeCommand)
+    assert (parsed.type, parsed.args, parsed.timeout_seconds) == ("ReadFile", {"path": "a"}, 12)
+
+
+@pytest.mark.parametrize(
+    ("item", "answerable"),
+    [
+        ({"command_id": "abc", "type": "ReadFile", "args": []}, True),
+        ({"command_id": "abc", "args": {}}, True),
+        ({"command_id": "abc", "type": "X", "timeout_seconds": "soon"}, True),
+        ({"type": "ReadFile"}, False),
+        ({"command_id": "", "type": "ReadFile"}, False),
+        ({"command_id": "a/../b", "type": "ReadFile"}, False),
+        ({"command_id": 5, "type": "ReadFile"}, False),
+        (None, False),
+        ("text", False),
+    ],
+)
+def test_parse_command_rejects_malformed_items(item: Any, answerable: bool) -> None:
+    parsed = parse_command(item)
+    if answerable:
+        assert isinstance(parsed, MalformedCommand)
+        assert parsed.command_id == "abc"
+    else:
+        assert isinstance(parsed, str)
+
+
+def test_encode_report_omits_missing_fields() -> None:
+    body = json.loads(encode_report(Outcome.failed("unknown_type", "Unknown command type: X")))
+    assert body == {
+        "status": "failed",
+        "error": {"code": "unknown_type", "message": "Unknown command type: X"},
+    }
+    body = json.loads(encode_report(Outcome.completed({"a": 1}, 5)))
+    assert body == {"status": "completed", "result": {"a": 1}, "duration_ms": 5}
+
+
+def test_encode_report_replaces_an_oversized_result() -> None:
+    body = json.loads(encode_report(Outcome.completed({"content": "x" * MAX_PAYLOAD_CHARS}, 9)))
+    assert body["status"] == "failed"
+    assert body["error"]["code"] == "result_too_large"
+    assert body["duration_ms"] == 9
+
+
+@given(st.integers(min_value=-(10**12), max_value=10**12))
+def test_clamped_timeout_is_always_in_range(value: int) -> None:
+    assert 1 <= clamp_timeout(value) <= 300
+
+
+def test_logs_are_json_when_not_a_tty_and_scrub_secrets() -> None:
+    stream = io.StringIO()
+    configure_logging("info", "auto", secrets=["sk-abc123", 'we"ird'], stream=stream)
+    log = structlog.get_logger("t")
+    log.debug("hidden at info")
+    log.info("command finished", command_id="c1", type="ReadFile", duration_ms=3, header="sk-abc123")
+    try:
+        raise ValueError('key we"ird leaked into an exception')
+    except ValueError:
+        log.exception("boom")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    first = json.loads(lines[0])
+    assert first["event"] == "command finished"
+    assert (first["command_id"], first["type"], first["duration_ms"]) == ("c1", "ReadFile", 3)
+    assert first["header"] == "***"
+    assert "sk-abc123" not in stream.getvalue()
+    assert 'we\\"ird' not in stream.getvalue() and 'we"ird' not in stream.getvalue()
+    assert json.loads(lines[1])["level"] == "error"
+
+
+def test_console_format_is_readable() -> None:
+    stream = io.StringIO()
+    configure_logging("info", "console", stream=stream)
+    structlog.get_logger("t").info("runner connected", runner_id="r1")
+    line = stream.getvalue()
+    assert "runner connected" in line and "runner_id=r1" in line
+    assert not line.startswith("{")
