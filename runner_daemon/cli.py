@@ -8,8 +8,12 @@ picks exit statuses; the daemon itself only reacts to :meth:`Daemon.request_stop
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import signal
+import socket
 import sys
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,10 +21,11 @@ from typing import Any
 import anyio
 import structlog
 
-from runner_daemon import __version__
+from runner_daemon import __version__, credentials, pairing
+from runner_daemon.auth import encode_bridge_key
 from runner_daemon.client import RunnerApi
 from runner_daemon.daemon import Daemon, ExitStatus
-from runner_daemon.errors import ConfigError
+from runner_daemon.errors import ApiError, ConfigError
 from runner_daemon.handlers import HandlerRegistry, discover
 from runner_daemon.logs import configure_logging
 from runner_daemon.settings import Settings, load_settings
@@ -30,6 +35,8 @@ PROG = "runner-daemon"
 SETTING_FLAGS = {
     "url": "Opik API base URL (env OPIK_URL_OVERRIDE)",
     "runner_id": "the paired runner's id (env RUNNER_DAEMON_RUNNER_ID)",
+    "state_directory": "where `pair` keeps the runner id and bridge key",
+    "bridge_key_file": "a file holding the base64 bridge key (a mounted secret)",
     "workspace_root": "folder the handlers are confined to",
     "max_concurrency": "commands run at once (default 10)",
     "shutdown_grace_seconds": "how long a stop waits for in-flight commands (default 20)",
@@ -61,9 +68,9 @@ async def watch_signals(daemon: Daemon) -> None:
             daemon.request_stop(name)
 
 
-async def serve(settings: Settings, registry: HandlerRegistry) -> int:
+async def serve(settings: Settings, registry: HandlerRegistry, bridge_key: bytes | None = None) -> int:
     async with RunnerApi.from_settings(settings) as api:
-        daemon = Daemon(settings, api, registry)
+        daemon = Daemon(settings, api, registry, bridge_key)
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch_signals, daemon)
             status = await daemon.run()
@@ -71,24 +78,105 @@ async def serve(settings: Settings, registry: HandlerRegistry) -> int:
     return int(status)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def start_daemon(settings: Settings, registry: HandlerRegistry) -> int:
+    """Resolve credentials, set up logging, run until stopped; the ``run`` command's body."""
     try:
-        settings = _settings_from(args)
-        if settings.runner_id is None:
-            raise ConfigError(
-                "runner_id: required; pass --runner-id or set RUNNER_DAEMON_RUNNER_ID "
-                "(the dev server creates one with POST /dev/runners)"
-            )
+        settings, bridge_key = credentials.resolve(settings)
     except ConfigError as exc:
         return _fail_config(exc)
-    configure_logging(settings.log_level, settings.log_format, settings.secret_values())
+    secrets = (*settings.secret_values(), *([encode_bridge_key(bridge_key)] if bridge_key else []))
+    configure_logging(settings.log_level, settings.log_format, secrets)
+    if bridge_key is None:
+        structlog.get_logger("runner_daemon").warning(
+            "accepting unsigned commands (allow_unsigned_commands = true): anyone with the API key "
+            "can run commands here"
+        )
     try:
-        return anyio.run(serve, settings, discover())
+        return anyio.run(serve, settings, registry, bridge_key)
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     except Exception:
         structlog.get_logger("runner_daemon").exception("the daemon failed unexpectedly")
         return ExitStatus.FAILURE
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings_from(args)
+    except ConfigError as exc:
+        return _fail_config(exc)
+    return start_daemon(settings, discover())
+
+
+def cmd_pair(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings_from(args)
+        pairing.check_runner_name(args.name)
+    except ConfigError as exc:
+        return _fail_config(exc)
+    except ValueError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return ExitStatus.USAGE
+    configure_logging(settings.log_level, settings.log_format, settings.secret_values())
+    try:
+        return anyio.run(_pair, settings, args)
+    except KeyboardInterrupt:
+        print("\npairing interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+async def _pair(settings: Settings, args: argparse.Namespace) -> int:
+    async with RunnerApi.from_settings(settings) as api:
+        try:
+            pending = await pairing.start_pairing(
+                api,
+                settings.url,
+                project_id=str(args.project_id),
+                project_name=args.project_name or str(args.project_id),
+                runner_name=args.name,
+                workspace=settings.workspace,
+                ttl_seconds=args.ttl,
+            )
+        except ApiError as exc:
+            print(f"{PROG}: could not start pairing: {exc}", file=sys.stderr)
+            return ExitStatus.FAILURE
+        print(
+            f"Open this link in a browser where you are signed in to Opik:\n\n  {pending.link}\n", flush=True
+        )
+        if sys.stdout.isatty():
+            print(terminal_qr(pending.link), flush=True)
+        interactive = sys.stderr.isatty()
+
+        def tick(remaining: float) -> None:
+            if interactive:
+                print(
+                    f"\rwaiting for approval... {remaining:4.0f}s left ", end="", file=sys.stderr, flush=True
+                )
+
+        try:
+            key = await pairing.wait_until_connected(api, pending, args.ttl, tick)
+        except pairing.PairingExpired as exc:
+            print(f"\n{PROG}: {exc}; run `runner-daemon pair` again", file=sys.stderr)
+            return ExitStatus.PAIRING_EXPIRED
+    path = credentials.store(
+        settings.state_directory,
+        credentials.Credentials(pending.runner_id, key, settings.url),
+        project_id=pending.project_id,
+    )
+    print(f"\npaired runner {pending.runner_id}; credentials saved to {path}", flush=True)
+    print("start it with: runner-daemon run", flush=True)
+    return ExitStatus.OK
+
+
+def terminal_qr(text: str) -> str:
+    """The link as a QR code for a phone, when the optional ``segno`` package is installed."""
+    try:
+        import segno
+    except ImportError:
+        return ""
+    buffer = io.StringIO()
+    segno.make(text, error="l").terminal(out=buffer, compact=True)
+    return buffer.getvalue()
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -97,14 +185,29 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail_config(exc)
     print(f"# effective settings of {PROG} {__version__}; secrets are masked")
-    for key, value in settings.model_dump(mode="json").items():
-        if value is None:
-            print(f"# {key} = (not set)")
-        elif isinstance(value, str):
-            print(f'{key} = "{value}"')
-        else:
-            print(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
+    print(settings_as_toml(settings.model_dump(mode="json")), end="")
     return ExitStatus.OK
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    # JSON strings and arrays of them are valid TOML; numbers print the same in both.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def settings_as_toml(values: dict[str, Any]) -> str:
+    """The settings as a TOML document (tables last), unset keys as comments."""
+    lines: list[str] = []
+    tables: list[str] = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            tables.append(f"\n[{key}]\n" + settings_as_toml(value))
+        elif value is None:
+            lines.append(f"# {key} = (not set)\n")
+        else:
+            lines.append(f"{key} = {_toml_value(value)}\n")
+    return "".join(lines) + "".join(tables)
 
 
 def cmd_devserver(args: argparse.Namespace) -> int:
@@ -171,6 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--reaper-interval-seconds", type=float, default=5.0)
     dev.add_argument("--create-runner", type=int, default=0, metavar="N", help="create N runners at start")
     dev.set_defaults(func=cmd_devserver)
+
+    pair = sub.add_parser("pair", help="pair this machine with an Opik project (once)")
+    _add_setting_flags(pair)
+    pair.add_argument("--project-id", required=True, type=uuid.UUID, help="the Opik project's id")
+    pair.add_argument("--project-name", help="the project's name, shown on the pairing page")
+    pair.add_argument(
+        "--name", default=f"{socket.gethostname()}-runner-daemon", help="the runner's name in Opik"
+    )
+    pair.add_argument(
+        "--ttl", type=int, default=300, choices=range(60, 601), metavar="60-600", help="seconds"
+    )
+    pair.set_defaults(func=cmd_pair)
 
     demo = sub.add_parser("demo", help="dev server + daemon in one process; submits a few commands")
     demo.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])

@@ -8,6 +8,7 @@ per-phase timeouts, because a read timeout alone does not bound a server that tr
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import json
 import math
@@ -37,6 +38,9 @@ from runner_daemon.models import (
     DevRunnerCreated,
     HeartbeatRequest,
     HeartbeatResponse,
+    PairingActivation,
+    PairingSession,
+    PairingSessionRequest,
     PollRequest,
     PollResponse,
     Runner,
@@ -46,6 +50,7 @@ from runner_daemon.models import (
 from runner_daemon.settings import Settings
 
 RUNNERS_PATH = "v1/private/local-runners"
+PAIRING_PATH = "v1/private/pairing/sessions"
 DEFAULT_RETRY_AFTER_SECONDS = 1.0
 MAX_RETRY_AFTER_SECONDS = 300.0
 # Slack on top of httpx's own timeouts before the wall-clock guard fires.
@@ -254,7 +259,17 @@ class RunnerApi:
     async def get_runner(self, runner_id: str) -> Runner:
         return _parse(Runner, await self._request("GET", f"{RUNNERS_PATH}/{runner_id}"))
 
+    async def create_pairing_session(self, request: PairingSessionRequest) -> PairingSession:
+        response = await self._request("POST", PAIRING_PATH, content=request.model_dump_json().encode())
+        return _parse(PairingSession, response)
+
     # --- the UI's side, used by the demo, the tests and the benchmark ---------------------
+
+    async def activate_pairing_session(self, session_id: str, activation: PairingActivation) -> None:
+        """What the user's browser does when the pairing link is opened."""
+        await self._request(
+            "POST", f"{PAIRING_PATH}/{session_id}/activate", content=activation.model_dump_json().encode()
+        )
 
     async def submit_command(
         self,
@@ -288,8 +303,12 @@ class RunnerApi:
 
     # --- the dev server's own control routes (not Opik's API) ----------------------------
 
-    async def dev_create_runner(self, name: str = "runner-daemon") -> str:
-        body = json.dumps({"name": name}).encode()
+    async def dev_create_runner(self, name: str = "runner-daemon", bridge_key: bytes | None = None) -> str:
+        """A connected runner; with ``bridge_key``, the dev server signs its commands."""
+        payload: dict[str, Any] = {"name": name}
+        if bridge_key is not None:
+            payload["bridge_key"] = base64.b64encode(bridge_key).decode()
+        body = json.dumps(payload).encode()
         return _parse(DevRunnerCreated, await self._request("POST", "dev/runners", content=body)).runner_id
 
     async def dev_post(self, path: str, payload: Mapping[str, Any]) -> Any:

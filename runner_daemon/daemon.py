@@ -34,13 +34,20 @@ class ExitStatus(enum.IntEnum):
     FAILURE = 1
     USAGE = 2
     DISCONNECTED = 69  # EX_UNAVAILABLE: the server dropped this runner; re-pair, don't restart
+    PAIRING_EXPIRED = 75  # EX_TEMPFAIL: nobody approved the pairing in time; try again
     UNAUTHORIZED = 77  # EX_NOPERM: the API key or workspace was refused
     CONFIG = 78  # EX_CONFIG
     # A second signal exits at once with 128 + the signal number (130 for Ctrl-C).
 
 
 class Daemon:
-    def __init__(self, settings: Settings, api: RunnerApi, registry: HandlerRegistry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        api: RunnerApi,
+        registry: HandlerRegistry,
+        bridge_key: bytes | None = None,
+    ) -> None:
         if settings.runner_id is None:
             raise ValueError("the daemon needs a runner_id")
         self._settings = settings
@@ -48,7 +55,13 @@ class Daemon:
         self._runner_id = str(settings.runner_id)
         self.stats = LoopStats()
         self.loop = BridgeLoop(
-            settings, api, registry, self.stats, on_fatal=self._fatal, on_contact=self._contact
+            settings,
+            api,
+            registry,
+            self.stats,
+            on_fatal=self._fatal,
+            on_contact=self._contact,
+            bridge_key=bridge_key,
         )
         self.state: State = "starting"
         self.running = anyio.Event()  # set once the first heartbeat was answered
@@ -112,23 +125,28 @@ class Daemon:
         return False
 
     async def _main(self) -> None:
-        async with anyio.create_task_group() as services:
-            services.start_soon(self._heartbeat_loop)
-            async with anyio.create_task_group() as work:
-                self.state = "running"
-                self.running.set()
-                log.info(
-                    "runner connected; waiting for bridge commands",
-                    runner_id=self._runner_id,
-                    url=self._settings.url,
-                    workspace_root=str(self._settings.workspace_root),
-                    max_concurrency=self._settings.max_concurrency,
-                )
-                await self.loop.run(work)
-                self.state = "draining"
-                # Heartbeats go on while draining: the server must still see us alive.
-                await self.loop.drain(self._settings.shutdown_grace_seconds, work)
-            services.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as services:
+                services.start_soon(self._heartbeat_loop)
+                async with anyio.create_task_group() as work:
+                    self.state = "running"
+                    self.running.set()
+                    log.info(
+                        "runner connected; waiting for bridge commands",
+                        runner_id=self._runner_id,
+                        url=self._settings.url,
+                        workspace_root=str(self._settings.workspace_root),
+                        max_concurrency=self._settings.max_concurrency,
+                    )
+                    await self.loop.run(work)
+                    self.state = "draining"
+                    # Heartbeats go on while draining: the server must still see us alive.
+                    await self.loop.drain(self._settings.shutdown_grace_seconds, work)
+                services.cancel_scope.cancel()
+        finally:
+            # Background processes die with the daemon, even on a forced exit.
+            with anyio.CancelScope(shield=True):
+                await self.loop.services.aclose()
 
     async def _shutdown(self) -> None:
         if not self._settings.disconnect_on_exit or self.fatal_error is not None:

@@ -8,6 +8,7 @@ then stops the daemon gracefully. Exit 0 when every command reached the status e
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -23,14 +24,30 @@ from runner_daemon.logs import configure_logging
 from runner_daemon.models import CommandRecord
 from runner_daemon.settings import LogFormat, load_settings
 
-# (type, args, expected status, expected error code)
+# (type, args, expected status, expected error code), run one after the other.
 DEMO_COMMANDS: list[tuple[str, dict[str, Any], str, str | None]] = [
     ("ListFiles", {"path": "", "depth": 2}, "completed", None),
     ("ReadFile", {"path": "README.md"}, "completed", None),
     ("ReadFile", {"path": "src/app.py", "offset": 1, "limit": 2}, "completed", None),
-    ("ListFiles", {"path": "src", "pattern": "*.py"}, "completed", None),
+    (
+        "WriteFile",
+        {"path": "src/greet.py", "content": "def greet(name):\n    return 'hi ' + name\n"},
+        "completed",
+        None,
+    ),
+    (
+        "EditFile",
+        {"path": "src/greet.py", "edits": [{"old_string": "'hi '", "new_string": "'hello '"}]},
+        "completed",
+        None,
+    ),
+    ("SearchFiles", {"pattern": "def \\w+", "glob": "*.py"}, "completed", None),
+    ("Exec", {"command": "python3 -c 'import sys; print(sys.version_info[0])' && ls src"}, "completed", None),
     ("ReadFile", {"path": "missing.txt"}, "failed", "file_not_found"),
     ("ReadFile", {"path": "../../etc/passwd"}, "failed", "path_traversal"),
+    ("WriteFile", {"path": ".env", "content": "TOKEN=stolen"}, "failed", "permission_denied"),
+    ("Exec", {"command": "sudo rm -rf /"}, "failed", "blocked"),
+    ("ReadFile", {"path": "README.md", "_hmac": "Zm9yZ2Vk"}, "failed", "auth_failed"),
     ("ReadFile", {"offset": 3}, "failed", "invalid_args"),
     ("Frobnicate", {}, "failed", "unknown_type"),
 ]
@@ -53,7 +70,9 @@ def _summary(record: CommandRecord) -> str:
 
 async def _demo(server: DevServer, workspace: Path, log_format: LogFormat) -> int:
     async with RunnerApi(server.url) as api:
-        runner_id = await api.dev_create_runner("runner-daemon demo")
+        # The dev server signs this runner's commands with the key, as Opik's UI does.
+        bridge_key = secrets.token_bytes(32)
+        runner_id = await api.dev_create_runner("runner-daemon demo", bridge_key=bridge_key)
         settings = load_settings(
             None,
             {
@@ -65,29 +84,31 @@ async def _demo(server: DevServer, workspace: Path, log_format: LogFormat) -> in
             },
         )
         configure_logging(settings.log_level, settings.log_format, settings.secret_values())
-        daemon = Daemon(settings, api, discover())
+        daemon = Daemon(settings, api, discover(), bridge_key)
         failures = 0
         async with anyio.create_task_group() as tg:
             tg.start_soon(daemon.run)
             with anyio.fail_after(10):
                 await daemon.running.wait()
-            ids = [await api.submit_command(runner_id, kind, args) for kind, args, _, _ in DEMO_COMMANDS]
-            print(f"\nsubmitted {len(ids)} commands to runner {runner_id}\n", flush=True)
-            for command_id, (kind, args, status, code) in zip(ids, DEMO_COMMANDS, strict=True):
-                record = await api.get_command(runner_id, command_id, wait=10)
+            print(f"\nsubmitting {len(DEMO_COMMANDS)} commands to runner {runner_id}\n", flush=True)
+            for kind, args, status, code in DEMO_COMMANDS:
+                command_id = await api.submit_command(runner_id, kind, args)
+                record = await api.get_command(runner_id, command_id, wait=30)
                 got_code = record.error.code if record.error else None
                 ok = record.status == status and got_code == code
                 failures += not ok
                 mark = "ok " if ok else "BAD"
                 took = "-" if record.duration_ms is None else str(record.duration_ms)
+                shown = json.dumps(args)
+                shown = shown if len(shown) <= 38 else shown[:35] + "..."
                 print(
-                    f"{mark} {kind:<10} {json.dumps(args):<38} -> {record.status:<9} "
-                    f"{took:>4} ms  {_summary(record)}",
+                    f"{mark} {kind:<11} {shown:<38} -> {record.status:<9} {took:>4} ms  {_summary(record)}",
                     flush=True,
                 )
             print(flush=True)
             daemon.request_stop("demo finished")
-        print(f"{len(ids) - failures} of {len(ids)} commands ended as expected", flush=True)
+        total = len(DEMO_COMMANDS)
+        print(f"{total - failures} of {total} commands ended as expected", flush=True)
         return ExitStatus.OK if failures == 0 else ExitStatus.FAILURE
 
 

@@ -18,6 +18,7 @@ import structlog
 from anyio.abc import TaskGroup
 from pydantic import ValidationError
 
+from runner_daemon.auth import HMAC_FIELD, verify_command
 from runner_daemon.backoff import Backoff
 from runner_daemon.client import RunnerApi
 from runner_daemon.errors import (
@@ -31,7 +32,7 @@ from runner_daemon.errors import (
     describe_validation_error,
 )
 from runner_daemon.handlers import HandlerRegistry
-from runner_daemon.handlers.base import HandlerContext
+from runner_daemon.handlers.base import HandlerContext, HandlerServices
 from runner_daemon.models import BridgeCommand
 from runner_daemon.outcome import (
     MalformedCommand,
@@ -72,21 +73,39 @@ class LoopStats:
 class Executor:
     """Runs one command through its handler under its time limit; never raises."""
 
-    def __init__(self, registry: HandlerRegistry, workspace: Workspace) -> None:
+    def __init__(
+        self,
+        registry: HandlerRegistry,
+        settings: Settings,
+        services: HandlerServices,
+        bridge_key: bytes | None = None,
+    ) -> None:
         self._registry = registry
-        self._workspace = workspace
+        self._settings = settings
+        self._services = services
+        self._bridge_key = bridge_key
+        self._workspace = Workspace(settings.workspace_root, settings.deny_paths, settings.deny_write_paths)
 
     async def execute(self, command: BridgeCommand) -> Outcome:
+        # Authenticity first: an unsigned or tampered command touches nothing.
+        if self._bridge_key is not None and not verify_command(self._bridge_key, command.type, command.args):
+            log.warning("rejected a command whose signature does not verify", command_id=command.command_id)
+            return Outcome.failed("auth_failed", "Invalid command HMAC")
+        raw_args = {key: value for key, value in command.args.items() if key != HMAC_FIELD}
         handler = self._registry.get(command.type)
         if handler is None:
             # No duration, as Opik's runner: nothing ran.
             return Outcome.failed("unknown_type", f"Unknown command type: {command.type}")
+        if handler.mutating and self._settings.read_only:
+            return Outcome.failed(
+                "read_only", f"{command.type} is disabled: the runner is read-only (read_only = true)"
+            )
         try:
-            args = handler.parse(command.args)
+            args = handler.parse(raw_args)
         except ValidationError as exc:
             return Outcome.failed("invalid_args", describe_validation_error(exc))
         limit = clamp_timeout(command.timeout_seconds)
-        ctx = HandlerContext(self._workspace)
+        ctx = HandlerContext(self._workspace, self._settings, self._services)
         start = time.monotonic()
         try:
             with anyio.move_on_after(limit) as deadline:
@@ -112,12 +131,14 @@ class Reporter:
         settings: Settings,
         stats: LoopStats,
         on_fatal: Callable[[ApiError], None],
+        bridge_key: bytes | None = None,
     ) -> None:
         self._api = api
         self._runner_id = str(settings.runner_id)
         self._settings = settings
         self._stats = stats
         self._on_fatal = on_fatal
+        self._bridge_key = bridge_key
 
     async def report(self, command_id: str, command_type: str, outcome: Outcome) -> bool:
         """True once the server holds a result for the command (a 409 counts)."""
@@ -126,7 +147,7 @@ class Reporter:
             bound = bound.bind(duration_ms=outcome.duration_ms)
         if outcome.error is not None:
             bound = bound.bind(error_code=outcome.error.code)
-        body = encode_report(outcome)
+        body = encode_report(outcome, self._bridge_key)
         backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
         with anyio.move_on_after(self._settings.report_retry_seconds):
             while True:
@@ -185,6 +206,8 @@ class BridgeLoop:
         stats: LoopStats,
         on_fatal: Callable[[ApiError], None],
         on_contact: Callable[[], None],
+        services: HandlerServices | None = None,
+        bridge_key: bytes | None = None,
     ) -> None:
         self._settings = settings
         self._api = api
@@ -192,8 +215,9 @@ class BridgeLoop:
         self._stats = stats
         self._on_fatal = on_fatal
         self._on_contact = on_contact
-        self.executor = Executor(registry, Workspace(settings.workspace_root))
-        self.reporter = Reporter(api, settings, stats, on_fatal)
+        self.services = services or HandlerServices()
+        self.executor = Executor(registry, settings, self.services, bridge_key)
+        self.reporter = Reporter(api, settings, stats, on_fatal, bridge_key)
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
         # Commands claimed from the server and not yet reported, with their cancel scopes.
         self._claimed: dict[str, anyio.CancelScope] = {}
@@ -258,24 +282,31 @@ class BridgeLoop:
                 continue
             scope = anyio.CancelScope()
             self._claimed[parsed.command_id] = scope
-            work.start_soon(self._run_command, parsed, scope)
+            # Decided now: a command claimed before the stop still gets the grace period.
+            work.start_soon(self._run_command, parsed, scope, self.stopping)
 
-    async def _run_command(self, command: BridgeCommand | MalformedCommand, scope: anyio.CancelScope) -> None:
+    async def _run_command(
+        self, command: BridgeCommand | MalformedCommand, scope: anyio.CancelScope, late: bool
+    ) -> None:
         start = time.monotonic()
         try:
-            outcome = await self._execute_in_slot(command, scope, start)
+            outcome = await self._execute_in_slot(command, scope, start, late)
             await self.reporter.report(command.command_id, command.type, outcome)
         finally:
             del self._claimed[command.command_id]
             self._notify()
 
     async def _execute_in_slot(
-        self, command: BridgeCommand | MalformedCommand, scope: anyio.CancelScope, start: float
+        self, command: BridgeCommand | MalformedCommand, scope: anyio.CancelScope, start: float, late: bool
     ) -> Outcome:
-        """Phase 3: run the handler in an execution slot; a shutdown cancel becomes a result."""
+        """Phase 3: run the handler in an execution slot; a shutdown cancel becomes a result.
+
+        ``late`` commands arrived after the stop began (an open poll answered): they are
+        reported cancelled without running.
+        """
         if isinstance(command, MalformedCommand):
             return Outcome.failed("invalid_args", f"Malformed command from server: {command.problem}")
-        if self.stopping:
+        if late:
             return Outcome.failed("cancelled", "The runner is shutting down; the command was not started")
         outcome: Outcome | None = None
         with scope:

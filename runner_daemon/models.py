@@ -111,3 +111,20 @@ class DevRunnerCreated(_Wire):
     """Answer of the dev server's ``POST /dev/runners`` (not part of Opik's API)."""
 
     runner_id: str
+
+
+class PairingSessionRequest(_Wire):
+    project_id: str
+    activation_key: str  # base64 of 32 random bytes
+    type: Literal["connect", "endpoint"] = "connect"
+    ttl_seconds: int = 300
+
+
+class PairingSession(_Wire):
+    session_id: str
+    runner_id: str
+
+
+class PairingActivation(_Wire):
+    runner_name: str
+    hmac: str

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from runner_daemon.auth import sign_result
 from runner_daemon.errors import describe_validation_error
 from runner_daemon.models import BridgeCommand, CommandError, ReportStatus, ResultReport
 
@@ -68,11 +69,15 @@ def parse_command(raw: Any) -> BridgeCommand | MalformedCommand | str:
     return MalformedCommand(str(command_id), raw_type if isinstance(raw_type, str) else "", problem)
 
 
-def encode_report(outcome: Outcome) -> bytes:
-    """Serialise the report once; a result over Opik's payload cap becomes a failure instead."""
+def encode_report(outcome: Outcome, bridge_key: bytes | None = None) -> bytes:
+    """Serialise the report once, signed when there is a bridge key.
+
+    A result over Opik's payload cap becomes a failure instead, since Opik would refuse it.
+    """
+    result = outcome.result if bridge_key is None else sign_result(bridge_key, outcome.status, outcome.result)
     report = ResultReport(
         status=outcome.status,
-        result=outcome.result,
+        result=result,
         error=outcome.error,
         duration_ms=outcome.duration_ms,
     )
@@ -84,6 +89,7 @@ def encode_report(outcome: Outcome) -> bytes:
                 "result_too_large",
                 f"The result is larger than the server accepts ({MAX_PAYLOAD_CHARS} characters)",
                 outcome.duration_ms,
-            )
+            ),
+            bridge_key,
         )
     return body

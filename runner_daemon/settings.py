@@ -9,13 +9,22 @@ Nothing reads the environment after :func:`load_settings` returns.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -25,6 +34,7 @@ from pydantic_settings import (
 )
 
 from runner_daemon.errors import ConfigError, describe_validation_error
+from runner_daemon.statedir import default_state_directory
 
 ENV_PREFIX = "RUNNER_DAEMON_"
 
@@ -34,6 +44,28 @@ OPIK_ENV_NAMES: Mapping[str, str] = {
     "OPIK_API_KEY": "api_key",
     "OPIK_WORKSPACE": "workspace",
 }
+
+# Files that usually hold secrets: never read or written by a command.
+DEFAULT_DENY_PATHS = (
+    ".env",
+    ".env.*",
+    ".envrc",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    ".netrc",
+    ".git-credentials",
+    ".pgpass",
+)
+# Git's own database: readable (a UI may show history), never written by a command.
+DEFAULT_DENY_WRITE_PATHS = (".git/",)
+# Environment variables that hold the daemon's own secrets; Exec's children never see them.
+SECRET_ENV_NAMES = ("OPIK_API_KEY", "RUNNER_DAEMON_API_KEY", "RUNNER_DAEMON_BRIDGE_KEY")
 
 LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -49,6 +81,31 @@ class _OpikEnvSource(PydanticBaseSettingsSource):
         return {field: os.environ[name] for name, field in OPIK_ENV_NAMES.items() if os.environ.get(name)}
 
 
+class ExecSettings(BaseModel):
+    """Policy of the ``Exec`` command type (``[exec]`` in the TOML file)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    # When not empty, a command must start with one of these prefixes to run.
+    allow_prefixes: tuple[str, ...] = ()
+    # Regular expressions blocked on top of Opik's built-in blocklist.
+    deny_patterns: tuple[str, ...] = ()
+    # More environment variable names to remove from the child's environment.
+    secret_env: tuple[str, ...] = ()
+    max_background: int = Field(5, ge=0, le=64)
+
+    @field_validator("deny_patterns")
+    @classmethod
+    def _check_patterns(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+        return patterns
+
+
 class Settings(BaseSettings):
     """Every knob of the daemon. Secrets are ``SecretStr`` so ``repr()`` masks them."""
 
@@ -58,6 +115,7 @@ class Settings(BaseSettings):
         frozen=True,
         validate_default=True,
         env_ignore_empty=True,
+        env_nested_delimiter="__",
     )
 
     url: str = Field(
@@ -86,6 +144,16 @@ class Settings(BaseSettings):
     )
     log_format: LogFormat = "auto"
     log_level: LogLevel = "info"
+    state_directory: Path = Field(
+        default_factory=lambda: default_state_directory(os.environ),
+        description="Where `pair` stores the runner id and bridge key.",
+    )
+    bridge_key_file: Path | None = Field(None, description="A file holding the base64 bridge key.")
+    allow_unsigned_commands: bool = False
+    read_only: bool = Field(False, description="Refuse every mutating type (WriteFile, EditFile, Exec).")
+    deny_paths: tuple[str, ...] = DEFAULT_DENY_PATHS
+    deny_write_paths: tuple[str, ...] = DEFAULT_DENY_WRITE_PATHS
+    exec: ExecSettings = ExecSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -111,6 +179,11 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")) or value[-3:] == "://":
             raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
         return value if value.endswith("/") else value + "/"
+
+    @field_validator("state_directory", "bridge_key_file")
+    @classmethod
+    def _expand_home(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser()
 
     @field_validator("workspace_root")
     @classmethod

@@ -15,13 +15,15 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Settings read the environment: a developer's OPIK_API_KEY must not leak into tests."""
+def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Settings read the environment: a developer's OPIK_API_KEY or paired runner must not
+    leak into tests, and no test may touch the real state directory."""
     import os
 
     for key in list(os.environ):
-        if key.startswith(("RUNNER_DAEMON_", "OPIK_")):
+        if key.startswith(("RUNNER_DAEMON_", "OPIK_")) or key in ("STATE_DIRECTORY", "XDG_STATE_HOME"):
             monkeypatch.delenv(key)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
 
 
 @pytest.fixture

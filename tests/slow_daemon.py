@@ -7,14 +7,9 @@ from __future__ import annotations
 
 import sys
 
-import anyio
-
-from runner_daemon.cli import serve
-from runner_daemon.logs import configure_logging
+from runner_daemon.cli import start_daemon
 from runner_daemon.settings import load_settings
 from tests.support import registry_for_tests
 
 if __name__ == "__main__":
-    settings = load_settings()
-    configure_logging(settings.log_level, settings.log_format, settings.secret_values())
-    sys.exit(anyio.run(serve, settings, registry_for_tests()))
+    sys.exit(start_daemon(load_settings(), registry_for_tests()))

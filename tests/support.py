@@ -15,7 +15,8 @@ import anyio
 from runner_daemon.client import RunnerApi
 from runner_daemon.daemon import Daemon
 from runner_daemon.handlers import HandlerRegistry, discover
-from runner_daemon.handlers.base import Args, Handler, HandlerContext
+from runner_daemon.handlers.base import Args, Handler, HandlerContext, HandlerServices
+from runner_daemon.loop import Executor
 from runner_daemon.settings import Settings, load_settings
 
 # Short timings so failures and retries take milliseconds, not seconds.
@@ -78,6 +79,12 @@ class BoomHandler(Handler[Args]):
 
 def registry_for_tests(*extra: Handler[Any]) -> HandlerRegistry:
     return discover().with_handlers(SlowHandler(), BoomHandler(), *extra)
+
+
+def executor_for(root: Path, registry: HandlerRegistry | None = None, **settings: Any) -> Executor:
+    """An Executor over ``root`` with the default handlers, as the loop builds it."""
+    loaded = load_settings(None, {"workspace_root": root, **settings})
+    return Executor(registry or discover(), loaded, HandlerServices())
 
 
 def make_settings(url: str, runner_id: str, workspace: Path, **overrides: Any) -> Settings:

@@ -51,7 +51,12 @@ def test_bad_environment_value_names_the_key(
 
 
 def test_missing_runner_id_is_a_config_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert "runner_id: required" in _one_line_config_error(capsys, ["run"])
+    assert "runner_id: not set and no paired runner" in _one_line_config_error(capsys, ["run"])
+
+
+def test_no_bridge_key_refuses_to_start(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _one_line_config_error(capsys, ["run", "--runner-id", RUNNER])
+    assert "bridge key: none for runner" in err and "allow_unsigned_commands = true" in err
 
 
 @pytest.mark.parametrize(
@@ -107,13 +112,31 @@ def test_check_config_masks_the_api_key(
 
 
 def test_example_config_is_valid_and_documents_every_key(capsys: pytest.CaptureFixture[str]) -> None:
+    from pydantic import BaseModel
+
     from runner_daemon.settings import Settings
 
     example = REPO / "config" / "runner-daemon.toml"
     assert main(["check-config", "--config", str(example)]) == 0
     text = example.read_text()
-    for key in Settings.model_fields:
-        assert f"# {key} = " in text, f"{key} is not documented in {example.name}"
+    for key, field in Settings.model_fields.items():
+        if isinstance(field.default, BaseModel):
+            assert f"# [{key}]" in text, f"table [{key}] is not documented in {example.name}"
+            for sub in type(field.default).model_fields:
+                assert f"# {sub} = " in text, f"{key}.{sub} is not documented in {example.name}"
+        else:
+            assert f"# {key} = " in text, f"{key} is not documented in {example.name}"
+
+
+def test_check_config_output_is_a_valid_config_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["check-config", "--max-concurrency", "3"]) == 0
+    printed = capsys.readouterr().out
+    config = tmp_path / "printed.toml"
+    config.write_text(printed.replace('api_key = "**********"', ""))
+    assert main(["check-config", "--config", str(config)]) == 0
+    assert capsys.readouterr().out == printed
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -150,6 +173,7 @@ def spawn_daemon(devserver: DevServer, workspace: Path) -> Iterator[object]:
         values = {**FAST, "log_format": "json", **settings}
         env.update({f"RUNNER_DAEMON_{k.upper()}": str(v) for k, v in values.items()})
         env.update(
+            RUNNER_DAEMON_ALLOW_UNSIGNED_COMMANDS="true",
             RUNNER_DAEMON_URL=devserver.url,
             RUNNER_DAEMON_RUNNER_ID=runner_id,
             RUNNER_DAEMON_WORKSPACE_ROOT=str(workspace),

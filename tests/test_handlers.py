@@ -13,16 +13,20 @@ from hypothesis import strategies as st
 
 from runner_daemon.handlers import discover
 from runner_daemon.handlers import read_file as read_file_module
-from runner_daemon.handlers.base import HandlerContext
-from runner_daemon.loop import Executor
+from runner_daemon.handlers.base import HandlerContext, HandlerServices
 from runner_daemon.models import BridgeCommand
 from runner_daemon.outcome import Outcome
+from runner_daemon.settings import load_settings
 from runner_daemon.workspace import Workspace
+from tests.support import executor_for
 
 
-async def run(root: Path, command_type: str, args: dict[str, Any], timeout: int | None = None) -> Outcome:
+async def run(
+    root: Path, command_type: str, args: dict[str, Any], timeout: int | None = None, **settings: Any
+) -> Outcome:
+    """Run one command through the Executor, as the loop would, without the network."""
     command = BridgeCommand(command_id="c1", type=command_type, args=args, timeout_seconds=timeout)
-    return await Executor(discover(), Workspace(root)).execute(command)
+    return await executor_for(root, **settings).execute(command)
 
 
 def error_of(outcome: Outcome) -> tuple[str, str]:
@@ -159,7 +163,9 @@ def test_streamed_read_equals_opiks_whole_file_read(
     path.write_text(text, encoding="utf-8", newline="")
     monkeypatch.setattr(read_file_module, "CHUNK_BYTES", chunk)
     monkeypatch.setattr(read_file_module, "BINARY_SNIFF_BYTES", chunk)
-    ctx = HandlerContext(Workspace(tmp_path))
+    ctx = HandlerContext(
+        Workspace(tmp_path), load_settings(None, {"workspace_root": tmp_path}), HandlerServices()
+    )
     assert read_file_module.read_window(path, "f.txt", offset, limit, ctx) == opik_read(text, offset, limit)
 
 
@@ -259,5 +265,5 @@ async def test_a_handler_over_its_time_is_cancelled(workspace: Path) -> None:
         command_id="c2", type="Slow", args={"seconds": 5, "marker": "m"}, timeout_seconds=1
     )
     with anyio.fail_after(3):
-        outcome = await Executor(registry_for_tests(), Workspace(workspace)).execute(command)
+        outcome = await executor_for(workspace, registry=registry_for_tests()).execute(command)
     assert error_of(outcome) == ("timeout", "Command timed out after 1s")

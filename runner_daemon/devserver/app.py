@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -14,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from runner_daemon.devserver.state import ApiFailure, DevServerConfig, DevState, Fault
+from runner_daemon.pairing import approve
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 RUNNER = "/v1/private/local-runners/{runner_id}"
@@ -126,12 +128,35 @@ def build_app(state: DevState) -> Starlette:
                 await command.done.wait()
         return JSONResponse(command.as_record())
 
+    async def create_pairing(request: Request) -> Response:
+        session = state.create_pairing(await _json_body(request))
+        return JSONResponse({"session_id": session.id, "runner_id": session.runner_id}, status_code=201)
+
+    async def activate_pairing(request: Request) -> Response:
+        state.activate_pairing(request.path_params["session_id"], await _json_body(request))
+        return Response(status_code=204)
+
     # --- dev-only routes ------------------------------------------------------------------
+
+    async def dev_approve_pairing(request: Request) -> Response:
+        """Do what the user's browser does with a pairing link."""
+        body = await _json_body(request)
+        try:
+            session_id, activation = approve(str(body.get("link", "")) if isinstance(body, dict) else "")
+        except (ValueError, IndexError):
+            raise ApiFailure(400, "link is not a pairing link") from None
+        state.activate_pairing(session_id, activation.model_dump())
+        return Response(status_code=204)
 
     async def dev_create_runner(request: Request) -> Response:
         body = await _json_body(request)
-        name = body.get("name") if isinstance(body, dict) else None
-        runner = state.create_runner(name if isinstance(name, str) and name else "dev-runner")
+        body = body if isinstance(body, dict) else {}
+        name = body.get("name")
+        try:
+            key = base64.b64decode(body["bridge_key"], validate=True) if body.get("bridge_key") else None
+        except (ValueError, TypeError):
+            raise ApiFailure(400, "bridge_key must be base64") from None
+        runner = state.create_runner(name if isinstance(name, str) and name else "dev-runner", bridge_key=key)
         return JSONResponse({"runner_id": runner.id}, status_code=201)
 
     async def dev_stats(request: Request) -> Response:
@@ -168,6 +193,13 @@ def build_app(state: DevState) -> Starlette:
         Route(f"{RUNNER}/bridge/commands/next", route("poll", next_commands), methods=["POST"]),
         Route(f"{RUNNER}/bridge/commands/{{command_id}}/results", route("report", report), methods=["POST"]),
         Route(f"{RUNNER}/bridge/commands/{{command_id}}", route(None, get_command), methods=["GET"]),
+        Route("/v1/private/pairing/sessions", route("pairing", create_pairing), methods=["POST"]),
+        Route(
+            "/v1/private/pairing/sessions/{session_id}/activate",
+            route("pairing", activate_pairing),
+            methods=["POST"],
+        ),
+        Route("/dev/pairing/approve", route(None, dev_approve_pairing), methods=["POST"]),
         Route("/dev/runners", route(None, dev_create_runner), methods=["POST"]),
         Route("/dev/runners/{runner_id}/stats", route(None, dev_stats), methods=["GET"]),
         Route("/dev/runners/{runner_id}/evict", route(None, dev_evict), methods=["POST"]),

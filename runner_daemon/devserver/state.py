@@ -6,6 +6,8 @@ respect to concurrent requests; the routes only await *between* calls (long poll
 
 from __future__ import annotations
 
+import base64
+import hmac
 import json
 import time
 import uuid
@@ -16,6 +18,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+
+from runner_daemon.auth import HMAC_FIELD, derive_bridge_key, sign
+from runner_daemon.pairing import activation_hmac
 
 WRITE_TYPES = frozenset({"WriteFile", "EditFile", "Exec"})
 TERMINAL = frozenset({"completed", "failed", "timed_out"})
@@ -93,6 +98,8 @@ class Runner:
     connected_at: str | None = None
     last_heartbeat: float | None = None
     removed: bool = False  # disconnected (DELETE), purged or evicted: endpoints answer 404
+    visible: bool = True  # False while its pairing session waits for the browser
+    bridge_key: bytes | None = None  # known when the dev server played the browser's part
     submitted: Signal = field(default_factory=Signal)
     submit_times: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
     write_times: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
@@ -145,6 +152,16 @@ class Command:
 
 
 @dataclass
+class PairingSession:
+    id: str
+    runner_id: str
+    project_id: str
+    activation_key: bytes
+    expires: float
+    activated: bool = False
+
+
+@dataclass
 class Fault:
     """An answer forced onto the next ``count`` requests of one route."""
 
@@ -161,22 +178,68 @@ class DevState:
         self.runners: dict[str, Runner] = {}
         self.commands: dict[str, Command] = {}
         self.faults: deque[Fault] = deque(maxlen=1000)
+        self.pairings: dict[str, PairingSession] = {}
 
     # --- runners ------------------------------------------------------------------------
 
-    def create_runner(self, name: str = "dev-runner", runner_id: str | None = None) -> Runner:
+    def create_runner(
+        self, name: str = "dev-runner", *, bridge_key: bytes | None = None, project_id: str | None = None
+    ) -> Runner:
         runner = Runner(
-            id=runner_id or str(uuid.uuid4()),
+            id=str(uuid.uuid4()),
             name=name,
-            project_id=str(uuid.uuid4()),
+            project_id=project_id or str(uuid.uuid4()),
             created_at=now_iso(),
+            bridge_key=bridge_key,
         )
         self.runners[runner.id] = runner
         return runner
 
+    # --- pairing ------------------------------------------------------------------------
+
+    def create_pairing(self, body: Any) -> PairingSession:
+        if not isinstance(body, dict):
+            raise ApiFailure(400, "Body must be a JSON object")
+        try:
+            project_id = str(uuid.UUID(str(body.get("project_id"))))
+            activation_key = base64.b64decode(str(body.get("activation_key")), validate=True)
+        except ValueError:
+            raise ApiFailure(400, "project_id must be a UUID and activation_key base64") from None
+        ttl = body.get("ttl_seconds", 300)
+        if len(activation_key) != 32 or body.get("type") not in ("connect", "endpoint"):
+            raise ApiFailure(400, "activation_key must be 32 bytes and type connect or endpoint")
+        if not isinstance(ttl, int) or not 60 <= ttl <= 600:
+            raise ApiFailure(400, "ttl_seconds must be between 60 and 600")
+        runner = self.create_runner("pairing", project_id=project_id)
+        runner.visible = False
+        session = PairingSession(
+            str(uuid.uuid4()), runner.id, project_id, activation_key, self._clock() + ttl
+        )
+        self.pairings[session.id] = session
+        return session
+
+    def activate_pairing(self, session_id: str, body: Any) -> None:
+        session = self.pairings.get(session_id)
+        if session is None or self._clock() > session.expires:
+            raise ApiFailure(404, "Pairing session not found")
+        if not isinstance(body, dict) or not isinstance(body.get("runner_name"), str):
+            raise ApiFailure(422, "runner_name and hmac are required")
+        if session.activated:
+            raise ApiFailure(409, "Pairing session already activated")
+        name = body["runner_name"]
+        expected = activation_hmac(session.activation_key, session_id, name)
+        if not hmac.compare_digest(expected, str(body.get("hmac", ""))):
+            raise ApiFailure(403, "Invalid activation HMAC")
+        session.activated = True
+        runner = self.runners[session.runner_id]
+        runner.name, runner.visible = name, True
+        runner.last_heartbeat, runner.connected_at = self._clock(), now_iso()
+        # The browser keeps the bridge key to sign commands; the dev server plays that part.
+        runner.bridge_key = derive_bridge_key(session.activation_key, session_id)
+
     def runner(self, runner_id: str) -> Runner:
         runner = self.runners.get(runner_id)
-        if runner is None or runner.removed:
+        if runner is None or runner.removed or not runner.visible:
             raise ApiFailure(404, "Runner not found")
         return runner
 
@@ -244,6 +307,8 @@ class DevState:
         runner.submit_times.append(now)
         if timeout is None or timeout <= 0:
             timeout = self.config.default_timeout_seconds
+        if runner.bridge_key is not None and HMAC_FIELD not in args:
+            args = {**args, HMAC_FIELD: sign(runner.bridge_key, command_type, args)}
         command = Command(
             id=str(uuid.uuid4()),
             runner_id=runner_id,

@@ -12,6 +12,9 @@ import anyio.to_thread
 from pydantic import BaseModel, ConfigDict
 
 from runner_daemon.errors import CommandFailed
+from runner_daemon.fileio import FileLocks
+from runner_daemon.processes import BackgroundProcesses
+from runner_daemon.settings import Settings
 from runner_daemon.workspace import Workspace
 
 A = TypeVar("A", bound=BaseModel)
@@ -29,10 +32,28 @@ class Abandoned(Exception):
 
 
 @dataclass
+class HandlerServices:
+    """State one daemon's handlers share across commands; closed when the daemon stops."""
+
+    locks: FileLocks = field(default_factory=FileLocks)
+    # Exec's background children (and their log folder); see runner_daemon.processes.
+    background: BackgroundProcesses = field(default_factory=BackgroundProcesses)
+
+    async def aclose(self) -> None:
+        """Release what commands left behind: terminate background process groups.
+
+        SIGTERM to each group, SIGKILL after 5 s; bounded in time, never raises.
+        """
+        await self.background.aclose()
+
+
+@dataclass
 class HandlerContext:
     """What a running command may use. ``stop`` is set when the command's time is over."""
 
     workspace: Workspace
+    settings: Settings
+    services: HandlerServices
     stop: threading.Event = field(default_factory=threading.Event)
 
     def check_stop(self) -> None:
@@ -41,8 +62,15 @@ class HandlerContext:
             raise Abandoned
 
     async def in_thread(self, func: Callable[..., T], *args: Any) -> T:
-        """Run blocking file-system work off the event loop; cancelling abandons the thread."""
+        """Run blocking reads off the event loop; cancelling abandons the thread."""
         return await anyio.to_thread.run_sync(func, *args, abandon_on_cancel=True)
+
+    async def in_thread_to_completion(self, func: Callable[..., T], *args: Any) -> T:
+        """Run a blocking mutation off the event loop; a cancel waits for it to finish.
+
+        A write must not outlive its file lock, so it is never abandoned half-way.
+        """
+        return await anyio.to_thread.run_sync(func, *args, abandon_on_cancel=False)
 
 
 class Handler(abc.ABC, Generic[A]):
@@ -63,4 +91,4 @@ class Handler(abc.ABC, Generic[A]):
     async def run(self, args: A, ctx: HandlerContext) -> dict[str, Any]: ...
 
 
-__all__ = ["A", "Abandoned", "Args", "CommandFailed", "Handler", "HandlerContext"]
+__all__ = ["A", "Abandoned", "Args", "CommandFailed", "Handler", "HandlerContext", "HandlerServices"]
