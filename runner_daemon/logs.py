@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any, TextIO
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 from structlog.typing import EventDict, WrappedLogger
 
 from runner_daemon.settings import LogFormat, LogLevel
@@ -60,7 +61,10 @@ def configure_logging(
     renderer: Any
     if as_json:
         renderer = structlog.processors.JSONRenderer()
-        exception_processors: list[Any] = [structlog.processors.dict_tracebacks]
+        # No local variables in tracebacks: they are noise, and could hold secrets.
+        exception_processors: list[Any] = [
+            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
+        ]
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
         exception_processors = []
@@ -76,6 +80,22 @@ def configure_logging(
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
-    # httpx logs every request at INFO through the stdlib; that is per-poll noise.
+    # Our dependencies log through the stdlib: route that through the same pipeline, so it
+    # is formatted and scrubbed alike. httpx logs every request at INFO: per-poll noise.
+    root = logging.getLogger()
+    root.handlers = [_ToStructlog()]
+    root.setLevel(logging.getLevelNamesMapping()[level.upper()])
     for noisy in ("httpx", "httpcore", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _ToStructlog(logging.Handler):
+    """Hands stdlib log records to structlog."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger = structlog.get_logger(record.name)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            message = str(record.msg)
+        logger.log(record.levelno, message, logger=record.name, exc_info=record.exc_info or None)

@@ -101,11 +101,11 @@ class Running:
 
 @asynccontextmanager
 async def running_daemon(
-    settings: Settings, registry: HandlerRegistry | None = None
+    settings: Settings, registry: HandlerRegistry | None = None, bridge_key: bytes | None = None
 ) -> AsyncIterator[Running]:
     """Run a daemon in this event loop; on exit, stop it gracefully and record its status."""
     async with RunnerApi.from_settings(settings) as api:
-        daemon = Daemon(settings, api, registry or registry_for_tests())
+        daemon = Daemon(settings, api, registry or registry_for_tests(), bridge_key)
         running = Running(daemon)
 
         async def run() -> None:
