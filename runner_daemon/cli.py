@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import signal
 import socket
 import sys
@@ -23,12 +24,13 @@ import structlog
 
 from runner_daemon import __version__, credentials, pairing
 from runner_daemon.auth import encode_bridge_key
-from runner_daemon.client import RunnerApi
+from runner_daemon.client import RunnerApi, probe
 from runner_daemon.daemon import Daemon, ExitStatus
 from runner_daemon.errors import ApiError, ConfigError
 from runner_daemon.handlers import HandlerRegistry, discover
 from runner_daemon.logs import configure_logging
-from runner_daemon.settings import Settings, load_settings
+from runner_daemon.notify import Notifier
+from runner_daemon.settings import Settings, load_settings, parse_listen
 
 PROG = "runner-daemon"
 # Flags that map one-to-one onto settings keys.
@@ -51,7 +53,7 @@ def _fail_config(exc: ConfigError) -> int:
 
 
 def _settings_from(args: argparse.Namespace) -> Settings:
-    overrides: dict[str, Any] = {key: getattr(args, key) for key in SETTING_FLAGS}
+    overrides: dict[str, Any] = {key: getattr(args, key, None) for key in SETTING_FLAGS}
     return load_settings(args.config, overrides)
 
 
@@ -69,8 +71,9 @@ async def watch_signals(daemon: Daemon) -> None:
 
 
 async def serve(settings: Settings, registry: HandlerRegistry, bridge_key: bytes | None = None) -> int:
+    notifier = Notifier.from_environ(os.environ)
     async with RunnerApi.from_settings(settings) as api:
-        daemon = Daemon(settings, api, registry, bridge_key)
+        daemon = Daemon(settings, api, registry, bridge_key, notifier)
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch_signals, daemon)
             status = await daemon.run()
@@ -106,6 +109,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail_config(exc)
     return start_daemon(settings, discover())
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the running daemon's health listener says healthy (or ready, with --ready)."""
+    url = args.url
+    if url is None:
+        try:
+            settings = _settings_from(args)
+        except ConfigError as exc:
+            return _fail_config(exc)
+        if settings.health.listen is None:
+            print(f"{PROG}: no health listener configured ([health] listen, or --url)", file=sys.stderr)
+            return ExitStatus.USAGE
+        host, port = parse_listen(settings.health.listen)
+        host = f"[{host}]" if ":" in host else host
+        url = f"http://{host}:{port}"
+    endpoint = url.rstrip("/") + ("/readyz" if args.ready else "/healthz")
+    status = anyio.run(probe, endpoint)
+    if status == 200:
+        return ExitStatus.OK
+    print(f"{PROG}: {endpoint} answered {status or 'nothing'}", file=sys.stderr)
+    return ExitStatus.FAILURE
 
 
 def cmd_pair(args: argparse.Namespace) -> int:
@@ -274,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--reaper-interval-seconds", type=float, default=5.0)
     dev.add_argument("--create-runner", type=int, default=0, metavar="N", help="create N runners at start")
     dev.set_defaults(func=cmd_devserver)
+
+    health = sub.add_parser("health", help="probe a running daemon's health listener (exit 0/1)")
+    health.add_argument("--config", type=Path, help="TOML settings file, to find [health] listen")
+    health.add_argument("--ready", action="store_true", help="check readiness instead of liveness")
+    health.add_argument("--url", help="the listener's base URL, e.g. http://127.0.0.1:9464")
+    health.set_defaults(func=cmd_health)
 
     pair = sub.add_parser("pair", help="pair this machine with an Opik project (once)")
     _add_setting_flags(pair)

@@ -319,3 +319,13 @@ class RunnerApi:
     async def dev_get(self, path: str) -> Any:
         response = await self._request("GET", f"dev/{path}")
         return response.json()
+
+
+async def probe(url: str, timeout: float = 3.0) -> int | None:
+    """The HTTP status of a GET (health checks); None when nothing answered."""
+    try:
+        with anyio.fail_after(timeout + 1):
+            async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
+                return (await client.get(url)).status_code
+    except (httpx.HTTPError, TimeoutError):
+        return None

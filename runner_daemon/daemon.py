@@ -12,16 +12,23 @@ from typing import Literal
 
 import anyio
 import structlog
+from anyio.abc import TaskGroup
 
 from runner_daemon.backoff import Backoff
 from runner_daemon.client import RunnerApi
 from runner_daemon.errors import ApiError, RateLimited, RunnerGone, Unauthorized
 from runner_daemon.handlers import HandlerRegistry
+from runner_daemon.health import HealthServer
 from runner_daemon.loop import BridgeLoop, LoopStats
+from runner_daemon.metrics import metrics_registry
 from runner_daemon.models import BRIDGE_CAPABILITY
+from runner_daemon.notify import Notifier
 from runner_daemon.settings import Settings
 
 log = structlog.get_logger("runner_daemon.daemon")
+
+# A poll loop that has not moved for its poll timeout plus this long is stuck.
+LOOP_STALL_SLACK_SECONDS = 15.0
 
 CAPABILITIES = [BRIDGE_CAPABILITY]
 State = Literal["starting", "running", "draining", "stopped"]
@@ -47,6 +54,7 @@ class Daemon:
         api: RunnerApi,
         registry: HandlerRegistry,
         bridge_key: bytes | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         if settings.runner_id is None:
             raise ValueError("the daemon needs a runner_id")
@@ -71,6 +79,9 @@ class Daemon:
         self._forced_by: int | None = None
         self._root: anyio.CancelScope | None = None
         self._startup_scope: anyio.CancelScope | None = None
+        self.notifier = notifier or Notifier(None)
+        self.metrics = metrics_registry(self)
+        self.health_port: int | None = None  # bound port of the health listener, once serving
 
     # --- control, called from the CLI's signal handling ---------------------------------
 
@@ -84,6 +95,7 @@ class Daemon:
             return
         self._stop_requested = True
         log.info("stopping: finishing in-flight commands", reason=reason, in_flight=self.loop.in_flight)
+        self.notifier.stopping(f"stopping ({reason}): {self.loop.in_flight} commands in flight")
         self.loop.stop_polling()
         if self._startup_scope is not None:
             self._startup_scope.cancel()
@@ -99,11 +111,27 @@ class Daemon:
 
     async def run(self) -> ExitStatus | int:
         with anyio.CancelScope() as self._root:
-            if await self._startup():
-                await self._main()
-                await self._shutdown()
+            async with anyio.create_task_group() as outer:
+                # The health listener answers from the start: "starting" is a state worth probing.
+                if self._settings.health.listen and not await self._start_health(outer):
+                    return ExitStatus.FAILURE
+                if await self._startup():
+                    await self._main()
+                    await self._shutdown()
+                outer.cancel_scope.cancel()
         self.state = "stopped"
         return self._exit_status()
+
+    async def _start_health(self, group: TaskGroup) -> bool:
+        listen = self._settings.health.listen
+        assert listen is not None
+        try:
+            self.health_port = await group.start(HealthServer(self, self.metrics).serve, listen)
+        except OSError as exc:
+            log.error("cannot serve the health listener", listen=listen, error=exc.strerror or str(exc))
+            self.state = "stopped"
+            return False
+        return True
 
     async def _startup(self) -> bool:
         """Send the first heartbeat (it declares the bridge capability) before any poll."""
@@ -121,6 +149,7 @@ class Daemon:
                     await anyio.sleep(delay)
                 else:
                     self._contact()
+                    self.notifier.ready(self._status_line())
                     return True
         return False
 
@@ -128,6 +157,7 @@ class Daemon:
         try:
             async with anyio.create_task_group() as services:
                 services.start_soon(self._heartbeat_loop)
+                services.start_soon(self._supervise)
                 async with anyio.create_task_group() as work:
                     self.state = "running"
                     self.running.set()
@@ -178,6 +208,56 @@ class Daemon:
                 failures = 0
                 self._contact()
 
+    async def _supervise(self) -> None:
+        """Keep STATUS= current and ping the watchdog while the loop and the server are fine.
+
+        The pings come from the daemon's own event loop, and only while the poll loop moves
+        and the server answers: a wedged loop, or lost contact, lets systemd's watchdog act.
+        """
+        interval = min(2.0, self.notifier.watchdog_interval or 2.0)
+        last_status = ""
+        while True:
+            status = self._status_line()
+            if status != last_status:
+                self.notifier.status(status)
+                last_status = status
+            if self.notifier.watchdog_interval and self.healthy() and self.contact_fresh():
+                self.notifier.watchdog()
+            await anyio.sleep(interval)
+
+    # --- health ---------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return self.loop.in_flight
+
+    def contact_fresh(self) -> bool:
+        """The server answered recently (a heartbeat or a poll)."""
+        limit = max(60.0, 4 * self._settings.heartbeat_interval_seconds)
+        return self.last_contact is not None and time.monotonic() - self.last_contact <= limit
+
+    def healthy(self) -> bool:
+        """Alive and its loop moving (or parked for a free slot, which is healthy too)."""
+        if self.state == "starting":
+            return True
+        if self.state == "stopped":
+            return False
+        stuck_after = self._settings.poll_timeout_seconds + LOOP_STALL_SLACK_SECONDS
+        return self.loop.waiting_for_slot or time.monotonic() - self.loop.last_tick <= stuck_after
+
+    def ready(self) -> bool:
+        """Connected to the server, polling, not draining."""
+        return self.state == "running" and not self._stop_requested and self.contact_fresh()
+
+    def _status_line(self) -> str:
+        stats = self.stats
+        line = f"{self.state}: {stats.completed + stats.failed} commands run, {self.loop.in_flight} in flight"
+        if not self.contact_fresh():
+            line += "; server not answering"
+        if stats.last_error:
+            line += f"; last error: {stats.last_error[:120]}"
+        return line
+
     # --- reactions ------------------------------------------------------------------------
 
     def _contact(self) -> None:
@@ -202,6 +282,7 @@ class Daemon:
                 exit_status=int(ExitStatus.UNAUTHORIZED),
             )
         self._stop_requested = True
+        self.notifier.stopping(f"stopping: {exc}")
         self.loop.stop_polling()
         self.loop.cancel_in_flight()  # their results could not be delivered anyway
         if self._startup_scope is not None:

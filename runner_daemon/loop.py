@@ -56,9 +56,13 @@ def _elapsed_ms(start: float) -> int:
     return int((time.monotonic() - start) * 1000)
 
 
+# Upper bounds (seconds) of the command-duration histogram's buckets.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
 @dataclass
 class LoopStats:
-    """Counters for logs and tests; monotonic over the daemon's life."""
+    """The daemon's counters: logs, STATUS=, /metrics and tests all read these."""
 
     completed: int = 0
     failed: int = 0
@@ -68,6 +72,28 @@ class LoopStats:
     poll_errors: int = 0
     last_error: str | None = None
     by_code: dict[str, int] = field(default_factory=dict)
+    # (command type, status) -> count; durations per command type as histogram buckets.
+    outcomes: dict[tuple[str, str], int] = field(default_factory=dict)
+    duration_buckets: dict[str, list[int]] = field(default_factory=dict)
+    duration_sums: dict[str, float] = field(default_factory=dict)
+
+    def record(self, command_type: str, outcome: Outcome) -> None:
+        if outcome.status == "completed":
+            self.completed += 1
+        else:
+            self.failed += 1
+            code = outcome.error_code or "unknown"
+            self.by_code[code] = self.by_code.get(code, 0) + 1
+        key = (command_type, outcome.status)
+        self.outcomes[key] = self.outcomes.get(key, 0) + 1
+        if outcome.duration_ms is not None:
+            seconds = outcome.duration_ms / 1000
+            buckets = self.duration_buckets.setdefault(command_type, [0] * (len(DURATION_BUCKETS) + 1))
+            index = next(
+                (i for i, bound in enumerate(DURATION_BUCKETS) if seconds <= bound), len(DURATION_BUCKETS)
+            )
+            buckets[index] += 1
+            self.duration_sums[command_type] = self.duration_sums.get(command_type, 0.0) + seconds
 
 
 class Executor:
@@ -132,6 +158,7 @@ class Reporter:
         stats: LoopStats,
         on_fatal: Callable[[ApiError], None],
         bridge_key: bytes | None = None,
+        known_types: frozenset[str] = frozenset(),
     ) -> None:
         self._api = api
         self._runner_id = str(settings.runner_id)
@@ -139,6 +166,7 @@ class Reporter:
         self._stats = stats
         self._on_fatal = on_fatal
         self._bridge_key = bridge_key
+        self._known_types = known_types
 
     async def report(self, command_id: str, command_type: str, outcome: Outcome) -> bool:
         """True once the server holds a result for the command (a 409 counts)."""
@@ -173,7 +201,7 @@ class Reporter:
                     bound.error("server refused the result; dropped", error=str(exc))
                     return False
                 else:
-                    self._count(outcome)
+                    self._stats.record(self._metric_type(command_type), outcome)
                     bound.info("command finished")
                     return True
                 await anyio.sleep(delay)
@@ -186,13 +214,9 @@ class Reporter:
         self._stats.last_error = str(exc)
         bound.warning("report failed; retrying", error=str(exc), retry_in=round(delay, 2), attempt=attempt)
 
-    def _count(self, outcome: Outcome) -> None:
-        if outcome.status == "completed":
-            self._stats.completed += 1
-        else:
-            self._stats.failed += 1
-            code = outcome.error_code or "unknown"
-            self._stats.by_code[code] = self._stats.by_code.get(code, 0) + 1
+    def _metric_type(self, command_type: str) -> str:
+        # The server chooses the type: only known ones become metric labels (bounded cardinality).
+        return command_type if command_type in self._known_types else "other"
 
 
 class BridgeLoop:
@@ -217,13 +241,17 @@ class BridgeLoop:
         self._on_contact = on_contact
         self.services = services or HandlerServices()
         self.executor = Executor(registry, settings, self.services, bridge_key)
-        self.reporter = Reporter(api, settings, stats, on_fatal, bridge_key)
+        self.reporter = Reporter(api, settings, stats, on_fatal, bridge_key, frozenset(registry))
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
         # Commands claimed from the server and not yet reported, with their cancel scopes.
         self._claimed: dict[str, anyio.CancelScope] = {}
         self._changed = anyio.Event()
         self._poll_scope: anyio.CancelScope | None = None
         self.stopping = False
+        # Liveness, for the watchdog and /healthz: when the loop last moved, and whether it is
+        # legitimately parked waiting for a free execution slot.
+        self.last_tick = time.monotonic()
+        self.waiting_for_slot = False
 
     @property
     def in_flight(self) -> int:
@@ -244,7 +272,9 @@ class BridgeLoop:
         """Poll and dispatch until :meth:`stop_polling`; commands run in ``work``."""
         backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
         while not self.stopping:
+            self.last_tick = time.monotonic()
             await self._wait_for_free_slot()
+            self.last_tick = time.monotonic()
             items: list[Any] = []
             with anyio.CancelScope() as self._poll_scope:
                 if self.stopping:
@@ -328,8 +358,12 @@ class BridgeLoop:
         self._changed = anyio.Event()
 
     async def _wait_for_free_slot(self) -> None:
-        while self._free_slots() <= 0 and not self.stopping:
-            await self._changed.wait()
+        self.waiting_for_slot = True
+        try:
+            while self._free_slots() <= 0 and not self.stopping:
+                await self._changed.wait()
+        finally:
+            self.waiting_for_slot = False
 
     async def wait_idle(self) -> None:
         while self._claimed:

@@ -106,6 +106,30 @@ class ExecSettings(BaseModel):
         return patterns
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) into its parts; ``ValueError`` with a clear reason."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"expected host:port, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+class HealthSettings(BaseModel):
+    """The optional health and metrics listener (``[health]`` in the TOML file)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # "host:port" to serve /healthz, /readyz and /metrics on; off when unset.
+    listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_listen(value)
+        return value
+
+
 class Settings(BaseSettings):
     """Every knob of the daemon. Secrets are ``SecretStr`` so ``repr()`` masks them."""
 
@@ -154,6 +178,7 @@ class Settings(BaseSettings):
     deny_paths: tuple[str, ...] = DEFAULT_DENY_PATHS
     deny_write_paths: tuple[str, ...] = DEFAULT_DENY_WRITE_PATHS
     exec: ExecSettings = ExecSettings()
+    health: HealthSettings = HealthSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -185,6 +185,10 @@ def build_app(state: DevState) -> Starlette:
         state.add_fault(fault)
         return Response(status_code=204)
 
+    async def dev_clear_faults(request: Request) -> Response:
+        state.faults.clear()
+        return Response(status_code=204)
+
     routes: list[BaseRoute] = [
         Route(RUNNER, route(None, get_runner), methods=["GET"]),
         Route(RUNNER, route(None, delete_runner), methods=["DELETE"]),
@@ -204,6 +208,7 @@ def build_app(state: DevState) -> Starlette:
         Route("/dev/runners/{runner_id}/stats", route(None, dev_stats), methods=["GET"]),
         Route("/dev/runners/{runner_id}/evict", route(None, dev_evict), methods=["POST"]),
         Route("/dev/faults", route(None, dev_faults), methods=["POST"]),
+        Route("/dev/faults/clear", route(None, dev_clear_faults), methods=["POST"]),
     ]
 
     @asynccontextmanager

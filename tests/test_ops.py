@@ -1,0 +1,293 @@
+"""systemd notify over a real datagram socket, and the health listener over a real TCP socket."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from runner_daemon.client import RunnerApi, probe
+from runner_daemon.daemon import ExitStatus
+from runner_daemon.devserver.server import DevServer
+from runner_daemon.handlers.base import Args, Handler, HandlerContext
+from runner_daemon.notify import Notifier
+from tests.support import (
+    FAST,
+    environ_without_settings,
+    make_settings,
+    registry_for_tests,
+    running_daemon,
+    until,
+    wait_terminal,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Listener:
+    """A NOTIFY_SOCKET stand-in: collects datagrams with the time they arrived."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.05)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+
+    def drain(self) -> list[tuple[float, dict[str, str]]]:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                return self.messages
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.messages.append((time.monotonic(), fields))
+
+    def with_key(self, key: str) -> list[tuple[float, dict[str, str]]]:
+        return [(at, fields) for at, fields in self.drain() if key in fields]
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[str, Listener]]:
+    path = str(tmp_path / "notify.sock")
+    listener = Listener(path)
+    yield path, listener
+    listener.sock.close()
+
+
+def test_notifier_sends_datagrams(notify_socket: tuple[str, Listener]) -> None:
+    path, listener = notify_socket
+    notifier = Notifier.from_environ({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "3000000"})
+    assert notifier.watchdog_interval == 1.5
+    notifier.ready("up\nand running")
+    notifier.watchdog()
+    notifier.stopping("bye")
+    messages = [fields for _, fields in listener.drain()]
+    assert messages == [
+        {"READY": "1", "STATUS": "up and running"},
+        {"WATCHDOG": "1"},
+        {"STOPPING": "1", "STATUS": "bye"},
+    ]
+
+
+def test_notifier_abstract_namespace() -> None:
+    name = f"runner-daemon-test-{time.monotonic_ns()}"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind("\0" + name)
+    server.settimeout(1)
+    try:
+        Notifier.from_environ({"NOTIFY_SOCKET": "@" + name}).send(READY="1")
+        assert server.recv(100) == b"READY=1"
+    finally:
+        server.close()
+
+
+def test_notifier_without_socket_is_a_no_op() -> None:
+    notifier = Notifier.from_environ({"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"})
+    assert not notifier.enabled and notifier.watchdog_interval is None  # a watchdog for another PID
+    notifier.ready("x")  # nothing to send to, nothing raised
+
+
+class WedgeArgs(Args):
+    seconds: float
+
+
+class WedgeHandler(Handler[WedgeArgs]):
+    """Blocks the whole event loop, as a bug in a handler might."""
+
+    command_type = "Wedge"
+    args_model = WedgeArgs
+
+    async def run(self, args: WedgeArgs, ctx: HandlerContext) -> dict[str, Any]:
+        time.sleep(args.seconds)  # noqa: ASYNC251 - the point of this handler
+        return {}
+
+
+@pytest.mark.anyio
+async def test_ready_after_first_contact_then_watchdog_pings_and_silence_when_wedged(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, notify_socket: tuple[str, Listener]
+) -> None:
+    path, listener = notify_socket
+    notifier = Notifier(path, watchdog_usec=200_000)  # a ping every 0.1 s
+    settings = make_settings(devserver.url, runner_id, workspace)
+    async with RunnerApi.from_settings(settings) as client:
+        from runner_daemon.daemon import Daemon
+
+        daemon = Daemon(settings, client, registry_for_tests(WedgeHandler()), notifier=notifier)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(daemon.run)
+            await until(lambda: daemon.state == "running")
+            ready = listener.with_key("READY")
+            assert len(ready) == 1 and ready[0][1]["STATUS"].startswith("starting: 0 commands run")
+            await anyio.sleep(1.0)
+            pings = [at for at, _ in listener.with_key("WATCHDOG")]
+            assert 4 <= len(pings) <= 15, len(pings)
+            command_id = await api.submit_command(runner_id, "Wedge", {"seconds": 1.5})
+            await wait_terminal(api, runner_id, command_id)
+            await anyio.sleep(0.5)
+            pings = [at for at, _ in listener.with_key("WATCHDOG")]
+            gaps = [b - a for a, b in itertools.pairwise(pings)]
+            assert max(gaps) >= 1.3  # no ping while the loop was wedged
+            daemon.request_stop("test")
+    stopping = listener.with_key("STOPPING")
+    assert len(stopping) == 1 and stopping[0][1]["STATUS"].startswith("stopping (test)")
+    statuses = [fields["STATUS"] for _, fields in listener.drain() if "STATUS" in fields]
+    assert any(status.startswith("running: 1 commands run, 0 in flight") for status in statuses)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_sigterm_sends_stopping_from_a_real_process(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, notify_socket: tuple[str, Listener]
+) -> None:
+    path, listener = notify_socket
+    env = environ_without_settings()
+    env.update({f"RUNNER_DAEMON_{k.upper()}": str(v) for k, v in FAST.items()})
+    env.update(
+        NOTIFY_SOCKET=path,
+        WATCHDOG_USEC="1000000",
+        RUNNER_DAEMON_ALLOW_UNSIGNED_COMMANDS="true",
+        RUNNER_DAEMON_URL=devserver.url,
+        RUNNER_DAEMON_RUNNER_ID=runner_id,
+        RUNNER_DAEMON_WORKSPACE_ROOT=str(workspace),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner_daemon", "run"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        try:
+            await until(lambda: bool(listener.with_key("READY")), 20)
+        except TimeoutError:
+            proc.kill()
+            raise AssertionError(proc.communicate()) from None
+        await until(lambda: bool(listener.with_key("WATCHDOG")), 5)
+        proc.send_signal(signal.SIGTERM)
+        await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=20))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    assert len(listener.with_key("STOPPING")) == 1
+
+
+async def _get(port: int, path: str) -> int | None:
+    return await probe(f"http://127.0.0.1:{port}{path}")
+
+
+@pytest.mark.anyio
+async def test_health_endpoints_through_the_daemons_life(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+) -> None:
+    settings = make_settings(
+        devserver.url, runner_id, workspace, health={"listen": "127.0.0.1:0"}, shutdown_grace_seconds=5
+    )
+    await api.dev_post("faults", {"route": "heartbeat", "status": 503, "count": 1000})
+    async with RunnerApi.from_settings(settings) as client:
+        from runner_daemon.daemon import Daemon
+
+        daemon = Daemon(settings, client, registry_for_tests())
+        status: list[int] = []
+        async with anyio.create_task_group() as tg:
+
+            async def run() -> None:
+                status.append(int(await daemon.run()))
+
+            tg.start_soon(run)
+            await until(lambda: daemon.health_port is not None)
+            port = daemon.health_port
+            assert port is not None
+            # Before the server ever answered: alive, not ready.
+            assert (await _get(port, "/healthz"), await _get(port, "/readyz")) == (200, 503)
+            await api.dev_post("faults/clear", {})
+            await until(lambda: daemon.state == "running", 15)
+            assert (await _get(port, "/healthz"), await _get(port, "/readyz")) == (200, 200)
+            command_id = await api.submit_command(runner_id, "ReadFile", {"path": "README.md"})
+            await wait_terminal(api, runner_id, command_id)
+            slow = await api.submit_command(runner_id, "Slow", {"seconds": 1.0})
+            await until(lambda: daemon.in_flight > 0)
+            daemon.request_stop("test")
+            # Draining: alive, no longer ready.
+            assert (await _get(port, "/healthz"), await _get(port, "/readyz")) == (200, 503)
+            metrics = await _metrics(port)
+            await wait_terminal(api, runner_id, slow)
+        assert status == [ExitStatus.OK]
+        assert await _get(port, "/healthz") is None  # the listener closed with the daemon
+    assert 'runner_daemon_commands_total{status="completed",type="ReadFile"} 1.0' in metrics
+    assert 'runner_daemon_command_duration_seconds_count{type="ReadFile"} 1.0' in metrics
+    assert "runner_daemon_commands_in_flight 1.0" in metrics
+    assert "runner_daemon_ready 0.0" in metrics
+
+
+async def _metrics(port: int) -> str:
+    stream = await anyio.connect_tcp("127.0.0.1", port)
+    async with stream:
+        await stream.send(b"GET /metrics HTTP/1.0\r\n\r\n")
+        data = b""
+        with anyio.fail_after(5):
+            while True:
+                try:
+                    data += await stream.receive()
+                except anyio.EndOfStream:
+                    break
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 OK")
+    assert b"text/plain; version=0.0.4" in head
+    return body.decode()
+
+
+@pytest.mark.anyio
+async def test_health_after_disconnect(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+) -> None:
+    settings = make_settings(devserver.url, runner_id, workspace, health={"listen": "127.0.0.1:0"})
+    async with running_daemon(settings) as running:
+        port = running.daemon.health_port
+        assert port is not None and await _get(port, "/readyz") == 200
+        await api.disconnect(runner_id)
+        await until(lambda: running.daemon.state == "stopped")
+    assert running.exit_status == ExitStatus.DISCONNECTED
+    assert await _get(port, "/healthz") is None
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_health_command_exit_status(devserver: DevServer, runner_id: str, workspace: Path) -> None:
+    settings = make_settings(devserver.url, runner_id, workspace, health={"listen": "127.0.0.1:0"})
+
+    def health(*args: str) -> int:
+        return subprocess.run(
+            [sys.executable, "-m", "runner_daemon", "health", *args],
+            cwd=REPO,
+            env=environ_without_settings(),
+            capture_output=True,
+            timeout=30,
+            check=False,
+        ).returncode
+
+    async with running_daemon(settings) as running:
+        url = f"http://127.0.0.1:{running.daemon.health_port}"
+        assert await anyio.to_thread.run_sync(health, "--url", url) == 0
+        assert await anyio.to_thread.run_sync(health, "--ready", "--url", url) == 0
+    assert await anyio.to_thread.run_sync(health, "--url", url) == 1
+    assert await anyio.to_thread.run_sync(health) == 2  # no listener configured
+
+
+def test_health_listen_must_be_host_port() -> None:
+    from runner_daemon.errors import ConfigError
+    from runner_daemon.settings import load_settings
+
+    with pytest.raises(ConfigError, match=r"health\.listen: Value error, expected host:port"):
+        load_settings(None, {"health": {"listen": "9464"}})
