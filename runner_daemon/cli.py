@@ -30,6 +30,7 @@ from runner_daemon.errors import ApiError, ConfigError
 from runner_daemon.handlers import HandlerRegistry, discover
 from runner_daemon.logs import configure_logging
 from runner_daemon.notify import Notifier
+from runner_daemon.outbox import Interrupted, Outbox, OwedResult
 from runner_daemon.settings import Settings, load_settings, parse_listen
 
 PROG = "runner-daemon"
@@ -70,10 +71,16 @@ async def watch_signals(daemon: Daemon) -> None:
             daemon.request_stop(name)
 
 
-async def serve(settings: Settings, registry: HandlerRegistry, bridge_key: bytes | None = None) -> int:
+async def serve(
+    settings: Settings,
+    registry: HandlerRegistry,
+    bridge_key: bytes | None,
+    outbox: Outbox,
+    owed: tuple[list[OwedResult], list[Interrupted]],
+) -> int:
     notifier = Notifier.from_environ(os.environ)
     async with RunnerApi.from_settings(settings) as api:
-        daemon = Daemon(settings, api, registry, bridge_key, notifier)
+        daemon = Daemon(settings, api, registry, bridge_key, notifier, outbox, owed)
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch_signals, daemon)
             status = await daemon.run()
@@ -85,6 +92,7 @@ def start_daemon(settings: Settings, registry: HandlerRegistry) -> int:
     """Resolve credentials, set up logging, run until stopped; the ``run`` command's body."""
     try:
         settings, bridge_key = credentials.resolve(settings)
+        outbox, owed, interrupted = Outbox.open(settings.state_directory)
     except ConfigError as exc:
         return _fail_config(exc)
     secrets = (*settings.secret_values(), *([encode_bridge_key(bridge_key)] if bridge_key else []))
@@ -95,7 +103,7 @@ def start_daemon(settings: Settings, registry: HandlerRegistry) -> int:
             "can run commands here"
         )
     try:
-        return anyio.run(serve, settings, registry, bridge_key)
+        return anyio.run(serve, settings, registry, bridge_key, outbox, (owed, interrupted))
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     except Exception:

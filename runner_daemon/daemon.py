@@ -23,6 +23,7 @@ from runner_daemon.loop import BridgeLoop, LoopStats
 from runner_daemon.metrics import metrics_registry
 from runner_daemon.models import BRIDGE_CAPABILITY
 from runner_daemon.notify import Notifier
+from runner_daemon.outbox import Interrupted, Outbox, OwedResult
 from runner_daemon.settings import Settings
 
 log = structlog.get_logger("runner_daemon.daemon")
@@ -55,6 +56,8 @@ class Daemon:
         registry: HandlerRegistry,
         bridge_key: bytes | None = None,
         notifier: Notifier | None = None,
+        outbox: Outbox | None = None,
+        owed: tuple[list[OwedResult], list[Interrupted]] = ([], []),
     ) -> None:
         if settings.runner_id is None:
             raise ValueError("the daemon needs a runner_id")
@@ -70,7 +73,9 @@ class Daemon:
             on_fatal=self._fatal,
             on_contact=self._contact,
             bridge_key=bridge_key,
+            outbox=outbox,
         )
+        self._owed = owed
         self.state: State = "starting"
         self.running = anyio.Event()  # set once the first heartbeat was answered
         self.last_contact: float | None = None
@@ -168,6 +173,7 @@ class Daemon:
                         workspace_root=str(self._settings.workspace_root),
                         max_concurrency=self._settings.max_concurrency,
                     )
+                    await self.loop.recover(*self._owed, work)
                     await self.loop.run(work)
                     self.state = "draining"
                     # Heartbeats go on while draining: the server must still see us alive.
@@ -177,6 +183,8 @@ class Daemon:
             # Background processes die with the daemon, even on a forced exit.
             with anyio.CancelScope(shield=True):
                 await self.loop.services.aclose()
+                if self.loop.outbox is not None:
+                    await self.loop.outbox.close()
 
     async def _shutdown(self) -> None:
         if not self._settings.disconnect_on_exit or self.fatal_error is not None:

@@ -34,11 +34,13 @@ from runner_daemon.errors import (
 from runner_daemon.handlers import HandlerRegistry
 from runner_daemon.handlers.base import HandlerContext, HandlerServices
 from runner_daemon.models import BridgeCommand
+from runner_daemon.outbox import Interrupted, Outbox, OwedResult
 from runner_daemon.outcome import (
     MalformedCommand,
     Outcome,
     clamp_timeout,
     encode_report,
+    outcome_of,
     parse_command,
 )
 from runner_daemon.settings import Settings
@@ -159,7 +161,9 @@ class Reporter:
         on_fatal: Callable[[ApiError], None],
         bridge_key: bytes | None = None,
         known_types: frozenset[str] = frozenset(),
+        outbox: Outbox | None = None,
     ) -> None:
+        self._outbox = outbox
         self._api = api
         self._runner_id = str(settings.runner_id)
         self._settings = settings
@@ -169,25 +173,57 @@ class Reporter:
         self._known_types = known_types
 
     async def report(self, command_id: str, command_type: str, outcome: Outcome) -> bool:
-        """True once the server holds a result for the command (a 409 counts)."""
-        bound = log.bind(command_id=command_id, type=command_type, status=outcome.status)
+        """Journal the result, then deliver it; True once the server holds it (409 counts)."""
+        entry = OwedResult(
+            self._runner_id, command_id, command_type, encode_report(outcome, self._bridge_key), time.time()
+        )
+        if self._outbox is not None:
+            await self._outbox.result(entry)
+        return await self.deliver(entry, outcome)
+
+    async def deliver(
+        self, entry: OwedResult, outcome: Outcome | None = None, *, recovered: bool = False
+    ) -> bool:
+        """Send until accepted or older than ``result_ttl_seconds``; 5xx, network and 429 retry.
+
+        A ``recovered`` result (owed by a previous run) that meets a 404 is dropped with a
+        warning: its command, or that old runner, is gone; the live runner may be fine.
+        """
+        outcome = outcome or outcome_of(entry.body)
+        bound = log.bind(command_id=entry.command_id, type=entry.command_type, status=outcome.status)
         if outcome.duration_ms is not None:
             bound = bound.bind(duration_ms=outcome.duration_ms)
         if outcome.error is not None:
             bound = bound.bind(error_code=outcome.error.code)
-        body = encode_report(outcome, self._bridge_key)
+        if recovered:
+            bound = bound.bind(recovered=True)
+        delivered = await self._send(entry, bound, recovered)
+        if delivered:
+            self._stats.record(self._metric_type(entry.command_type), outcome)
+        else:
+            self._stats.dropped += 1
+        if self._outbox is not None:
+            await self._outbox.done(entry.command_id)
+        return delivered
+
+    async def _send(self, entry: OwedResult, bound: Any, recovered: bool) -> bool:
         backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
-        with anyio.move_on_after(self._settings.report_retry_seconds):
+        remaining = entry.created + self._settings.result_ttl_seconds - time.time()
+        with anyio.move_on_after(max(remaining, 0.0)):
             while True:
                 try:
-                    await self._api.report(self._runner_id, command_id, body, conflict=AlreadyReported)
+                    await self._api.report(
+                        entry.runner_id, entry.command_id, entry.body, conflict=AlreadyReported
+                    )
                 except AlreadyReported:
                     self._stats.already_reported += 1
                     bound.info("command already reported (or timed out by the server)")
                     return True
                 except RunnerGone as exc:
+                    if recovered:
+                        bound.warning("dropping a result owed from before: the server no longer knows it")
+                        return False
                     self._on_fatal(exc)
-                    self._stats.dropped += 1
                     bound.warning("result not delivered: the runner was disconnected")
                     return False
                 except RetryableError as exc:
@@ -197,16 +233,13 @@ class Reporter:
                     delay = exc.retry_after
                     self._note_retry(bound, exc, delay, backoff.attempts)
                 except ApiError as exc:
-                    self._stats.dropped += 1
                     bound.error("server refused the result; dropped", error=str(exc))
                     return False
                 else:
-                    self._stats.record(self._metric_type(command_type), outcome)
                     bound.info("command finished")
                     return True
                 await anyio.sleep(delay)
-        self._stats.dropped += 1
-        bound.error("result dropped: still undelivered", after_seconds=self._settings.report_retry_seconds)
+        bound.error("result dropped: still undelivered", after_seconds=self._settings.result_ttl_seconds)
         return False
 
     def _note_retry(self, bound: Any, exc: ApiError, delay: float, attempt: int) -> None:
@@ -232,8 +265,11 @@ class BridgeLoop:
         on_contact: Callable[[], None],
         services: HandlerServices | None = None,
         bridge_key: bytes | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self._settings = settings
+        self.outbox = outbox
+        self._bridge_key = bridge_key
         self._api = api
         self._runner_id = str(settings.runner_id)
         self._stats = stats
@@ -241,7 +277,7 @@ class BridgeLoop:
         self._on_contact = on_contact
         self.services = services or HandlerServices()
         self.executor = Executor(registry, settings, self.services, bridge_key)
-        self.reporter = Reporter(api, settings, stats, on_fatal, bridge_key, frozenset(registry))
+        self.reporter = Reporter(api, settings, stats, on_fatal, bridge_key, frozenset(registry), outbox)
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
         # Commands claimed from the server and not yet reported, with their cancel scopes.
         self._claimed: dict[str, anyio.CancelScope] = {}
@@ -320,6 +356,9 @@ class BridgeLoop:
     ) -> None:
         start = time.monotonic()
         try:
+            if self.outbox is not None:
+                # Durable before the handler runs: after a crash, "interrupted", never re-run.
+                await self.outbox.started(self._runner_id, command.command_id, command.type)
             outcome = await self._execute_in_slot(command, scope, start, late)
             await self.reporter.report(command.command_id, command.type, outcome)
         finally:
@@ -348,6 +387,40 @@ class BridgeLoop:
                 "cancelled", "The runner shut down before the command finished", _elapsed_ms(start)
             )
         return outcome
+
+    async def recover(self, owed: list[OwedResult], interrupted: list[Interrupted], work: TaskGroup) -> None:
+        """Deliver what a previous run still owed, in slots, before the first poll.
+
+        Commands that were running when it stopped cannot be re-run blindly (they may have
+        had side effects): each is reported ``interrupted``.
+        """
+        entries = list(owed)
+        for lost in interrupted:
+            outcome = Outcome.failed("interrupted", "The daemon restarted while the command ran")
+            entry = OwedResult(
+                lost.runner_id,
+                lost.command_id,
+                lost.command_type,
+                encode_report(outcome, self._bridge_key),
+                time.time(),
+            )
+            if self.outbox is not None:
+                await self.outbox.result(entry)
+            entries.append(entry)
+        if entries:
+            log.info("delivering results owed from before the restart", results=len(entries))
+        for entry in entries:
+            if entry.command_id in self._claimed:
+                continue
+            self._claimed[entry.command_id] = anyio.CancelScope()
+            work.start_soon(self._redeliver, entry)
+
+    async def _redeliver(self, entry: OwedResult) -> None:
+        try:
+            await self.reporter.deliver(entry, recovered=True)
+        finally:
+            del self._claimed[entry.command_id]
+            self._notify()
 
     def _free_slots(self) -> int:
         return self._settings.max_concurrency - len(self._claimed)

@@ -93,3 +93,9 @@ def encode_report(outcome: Outcome, bridge_key: bytes | None = None) -> bytes:
             bridge_key,
         )
     return body
+
+
+def outcome_of(body: bytes) -> Outcome:
+    """The outcome an encoded report carries (for logs and counters of a journalled result)."""
+    report = ResultReport.model_validate_json(body)
+    return Outcome(report.status, report.result, report.error, report.duration_ms)

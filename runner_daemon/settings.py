@@ -163,7 +163,7 @@ class Settings(BaseSettings):
     connect_timeout_seconds: float = Field(5.0, gt=0, le=120)
     retry_initial_seconds: float = Field(0.5, gt=0, le=60)
     retry_max_seconds: float = Field(30.0, gt=0, le=600)
-    report_retry_seconds: float = Field(
+    result_ttl_seconds: float = Field(
         600.0, gt=0, le=86400, description="How long one result is retried before it is dropped."
     )
     log_format: LogFormat = "auto"
