@@ -7,6 +7,7 @@ import pytest
 
 from runner_daemon.client import RunnerApi
 from runner_daemon.devserver.server import DevServer, DevServerConfig
+from tests.support import DaemonProcesses
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -24,6 +25,13 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if key.startswith(("RUNNER_DAEMON_", "OPIK_")) or key in ("STATE_DIRECTORY", "XDG_STATE_HOME"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+
+
+@pytest.fixture
+def daemons() -> Iterator[DaemonProcesses]:
+    processes = DaemonProcesses()
+    yield processes
+    processes.close()
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -69,6 +71,30 @@ class ProbeHandler(Handler[SlowArgs]):
         return {"ok": True}
 
 
+class CountArgs(Args):
+    token: str
+    seconds: float = 0.0
+
+
+class CountHandler(Handler[CountArgs]):
+    """Records each execution durably (one line per run), so a test can spot a re-run."""
+
+    command_type = "Count"
+    args_model = CountArgs
+    mutating = True
+
+    async def run(self, args: CountArgs, ctx: HandlerContext) -> dict[str, Any]:
+        await anyio.sleep(args.seconds)
+        line = (args.token + "\n").encode()
+        fd = os.open(ctx.workspace.root / "executions.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return {"token": args.token}
+
+
 class BoomHandler(Handler[Args]):
     command_type = "Boom"
     args_model = Args
@@ -78,7 +104,7 @@ class BoomHandler(Handler[Args]):
 
 
 def registry_for_tests(*extra: Handler[Any]) -> HandlerRegistry:
-    return discover().with_handlers(SlowHandler(), BoomHandler(), *extra)
+    return discover().with_handlers(SlowHandler(), BoomHandler(), CountHandler(), *extra)
 
 
 def executor_for(root: Path, registry: HandlerRegistry | None = None, **settings: Any) -> Executor:
@@ -123,6 +149,56 @@ async def wait_terminal(api: RunnerApi, runner_id: str, command_id: str, timeout
     record = await api.get_command(runner_id, command_id, wait=timeout)
     assert record.terminal, f"command {command_id} still {record.status}"
     return record
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def daemon_environment(url: str, runner_id: str, workspace: Path, **settings: object) -> dict[str, str]:
+    """The environment of a daemon process: fast timings, unsigned commands, JSON logs."""
+    env = environ_without_settings()
+    values: dict[str, object] = {
+        **FAST,
+        "allow_unsigned_commands": "true",
+        "log_format": "json",
+        "url": url,
+        "runner_id": runner_id,
+        "workspace_root": workspace,
+        **settings,
+    }
+    env.update({f"RUNNER_DAEMON_{key.upper()}": str(value) for key, value in values.items()})
+    return env
+
+
+class DaemonProcesses:
+    """Starts daemon processes for a test and kills whatever is left when it ends."""
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen[str]] = []
+
+    def spawn(self, env: dict[str, str], *argv: str) -> subprocess.Popen[str]:
+        """``python -m tests.slow_daemon`` (the test handlers), or ``python -m <argv...>``."""
+        command = [sys.executable, "-m", *(argv or ("tests.slow_daemon",))]
+        proc = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self._procs.append(proc)
+        return proc
+
+    @property
+    def last(self) -> subprocess.Popen[str]:
+        return self._procs[-1]
+
+    def close(self) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
+async def finish(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[str, str]:
+    """Wait for a process to exit (off the event loop); its stdout and stderr."""
+    return await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=timeout))
 
 
 def environ_without_settings() -> dict[str, str]:

@@ -6,8 +6,8 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -16,9 +16,11 @@ from runner_daemon.cli import main
 from runner_daemon.client import RunnerApi
 from runner_daemon.devserver.server import DevServer
 from tests.support import (
-    FAST,
+    DaemonProcesses,
     command_status_is,
+    daemon_environment,
     environ_without_settings,
+    finish,
     runner_connected,
     until,
     wait_terminal,
@@ -165,35 +167,11 @@ def test_bad_config_in_a_real_process_exits_78_without_traceback() -> None:
 
 
 @pytest.fixture
-def spawn_daemon(devserver: DevServer, workspace: Path) -> Iterator[object]:
-    procs: list[subprocess.Popen[str]] = []
-
+def spawn_daemon(devserver: DevServer, workspace: Path, daemons: DaemonProcesses) -> Any:
     def spawn(runner_id: str, **settings: object) -> subprocess.Popen[str]:
-        env = environ_without_settings()
-        values = {**FAST, "log_format": "json", **settings}
-        env.update({f"RUNNER_DAEMON_{k.upper()}": str(v) for k, v in values.items()})
-        env.update(
-            RUNNER_DAEMON_ALLOW_UNSIGNED_COMMANDS="true",
-            RUNNER_DAEMON_URL=devserver.url,
-            RUNNER_DAEMON_RUNNER_ID=runner_id,
-            RUNNER_DAEMON_WORKSPACE_ROOT=str(workspace),
-        )
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.slow_daemon"],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        procs.append(proc)
-        return proc
+        return daemons.spawn(daemon_environment(devserver.url, runner_id, workspace, **settings))
 
-    yield spawn
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    return spawn
 
 
 async def _wait_in_flight(api: RunnerApi, runner_id: str, command_id: str) -> None:
@@ -216,7 +194,7 @@ async def test_sigterm_drains_the_slow_command_and_exits_0(
     await _wait_in_flight(api, runner_id, command_id)
     proc.send_signal(signal.SIGTERM)
     record = await wait_terminal(api, runner_id, command_id)
-    _, stderr = await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=20))
+    _, stderr = await finish(proc)
     assert proc.returncode == 0, stderr
     assert record.status == "completed"
     lines = [json.loads(line) for line in stderr.splitlines()]
@@ -239,7 +217,7 @@ async def test_second_signal_exits_at_once(spawn_daemon: object, api: RunnerApi,
     proc.send_signal(signal.SIGTERM)
     await anyio.sleep(0.3)
     proc.send_signal(signal.SIGINT)
-    await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=10))
+    await finish(proc, 10)
     assert proc.returncode == 128 + signal.SIGINT
 
 
@@ -251,7 +229,7 @@ async def test_disconnected_runner_process_exits_69_with_a_clear_line(
     proc = spawn_daemon(runner_id)  # type: ignore[operator]
     await _wait_connected(api, runner_id)
     await api.disconnect(runner_id)
-    _, stderr = await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=20))
+    _, stderr = await finish(proc)
     assert proc.returncode == 69
     errors = [json.loads(line) for line in stderr.splitlines() if '"level": "error"' in line]
     assert len(errors) == 1

@@ -21,8 +21,10 @@ from runner_daemon.devserver.server import DevServer
 from runner_daemon.handlers.base import Args, Handler, HandlerContext
 from runner_daemon.notify import Notifier
 from tests.support import (
-    FAST,
+    DaemonProcesses,
+    daemon_environment,
     environ_without_settings,
+    finish,
     make_settings,
     registry_for_tests,
     running_daemon,
@@ -146,39 +148,20 @@ async def test_ready_after_first_contact_then_watchdog_pings_and_silence_when_we
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_sigterm_sends_stopping_from_a_real_process(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, notify_socket: tuple[str, Listener]
+    devserver: DevServer,
+    runner_id: str,
+    workspace: Path,
+    notify_socket: tuple[str, Listener],
+    daemons: DaemonProcesses,
 ) -> None:
     path, listener = notify_socket
-    env = environ_without_settings()
-    env.update({f"RUNNER_DAEMON_{k.upper()}": str(v) for k, v in FAST.items()})
-    env.update(
-        NOTIFY_SOCKET=path,
-        WATCHDOG_USEC="1000000",
-        RUNNER_DAEMON_ALLOW_UNSIGNED_COMMANDS="true",
-        RUNNER_DAEMON_URL=devserver.url,
-        RUNNER_DAEMON_RUNNER_ID=runner_id,
-        RUNNER_DAEMON_WORKSPACE_ROOT=str(workspace),
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runner_daemon", "run"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        try:
-            await until(lambda: bool(listener.with_key("READY")), 20)
-        except TimeoutError:
-            proc.kill()
-            raise AssertionError(proc.communicate()) from None
-        await until(lambda: bool(listener.with_key("WATCHDOG")), 5)
-        proc.send_signal(signal.SIGTERM)
-        await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=20))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    env = daemon_environment(devserver.url, runner_id, workspace)
+    env.update(NOTIFY_SOCKET=path, WATCHDOG_USEC="1000000")
+    proc = daemons.spawn(env, "runner_daemon", "run")
+    await until(lambda: bool(listener.with_key("READY")), 20)
+    await until(lambda: bool(listener.with_key("WATCHDOG")), 5)
+    proc.send_signal(signal.SIGTERM)
+    await finish(proc)
     assert proc.returncode == 0
     assert len(listener.with_key("STOPPING")) == 1
 

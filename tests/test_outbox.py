@@ -6,8 +6,7 @@ import json
 import os
 import signal
 import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -18,9 +17,10 @@ from runner_daemon.devserver.server import DevServer
 from runner_daemon.errors import ConfigError
 from runner_daemon.outbox import JOURNAL_FILE, Interrupted, Outbox, OwedResult
 from tests.support import (
-    FAST,
+    DaemonProcesses,
     command_status_is,
-    environ_without_settings,
+    daemon_environment,
+    finish,
     make_settings,
     until,
     wait_terminal,
@@ -85,42 +85,19 @@ def test_one_daemon_per_journal(tmp_path: Path) -> None:
 
 @pytest.fixture
 def daemon_process(
-    devserver: DevServer, workspace: Path, tmp_path: Path
-) -> Iterator[Callable[[str], subprocess.Popen[str]]]:
-    procs: list[subprocess.Popen[str]] = []
-
+    devserver: DevServer, workspace: Path, tmp_path: Path, daemons: DaemonProcesses
+) -> Callable[[str], subprocess.Popen[str]]:
     def spawn(runner_id: str) -> subprocess.Popen[str]:
-        env = environ_without_settings()
-        env.update({f"RUNNER_DAEMON_{k.upper()}": str(v) for k, v in FAST.items()})
-        env.update(
-            RUNNER_DAEMON_ALLOW_UNSIGNED_COMMANDS="true",
-            RUNNER_DAEMON_URL=devserver.url,
-            RUNNER_DAEMON_RUNNER_ID=runner_id,
-            RUNNER_DAEMON_WORKSPACE_ROOT=str(workspace),
-            RUNNER_DAEMON_STATE_DIRECTORY=str(tmp_path / "state"),
-            RUNNER_DAEMON_LOG_FORMAT="json",
+        return daemons.spawn(
+            daemon_environment(devserver.url, runner_id, workspace, state_directory=tmp_path / "s")
         )
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.slow_daemon"],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        procs.append(proc)
-        return proc
 
-    yield spawn
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+    return spawn
 
 
 async def _stop(proc: subprocess.Popen[str]) -> str:
     proc.send_signal(signal.SIGTERM)
-    _, err = await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=30))
+    _, err = await finish(proc)
     assert proc.returncode == 0, err
     return err
 
@@ -136,7 +113,7 @@ async def test_sigkill_mid_command_is_reported_interrupted_after_restart(
     await until(lambda: command_status_is(api, runner_id, command_id, "picked_up"), 20)
     await anyio.sleep(0.3)
     first.kill()
-    await anyio.to_thread.run_sync(first.communicate)
+    await finish(first)
     second = daemon_process(runner_id)
     record = await wait_terminal(api, runner_id, command_id, timeout=20)
     err = await _stop(second)
@@ -164,7 +141,7 @@ async def test_an_undelivered_result_survives_a_crash(
     await until((workspace / "once.txt").exists, 20)
     await anyio.sleep(0.5)  # a few failed report attempts
     first.kill()
-    await anyio.to_thread.run_sync(first.communicate)
+    await finish(first)
     await api.dev_post("faults/clear", {})
     second = daemon_process(runner_id)
     record = await wait_terminal(api, runner_id, command_id, timeout=20)

@@ -28,7 +28,10 @@ from runner_daemon.pairing import activation_hmac, pairing_link, parse_link_frag
 from runner_daemon.settings import load_settings
 from tests.support import (
     FAST,
+    DaemonProcesses,
+    daemon_environment,
     environ_without_settings,
+    finish,
     make_settings,
     running_daemon,
     until,
@@ -297,7 +300,7 @@ async def test_activation_needs_the_key_from_the_link(devserver: DevServer, api:
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_secrets_never_reach_the_output(
-    devserver: DevServer, api: RunnerApi, workspace: Path, tmp_path: Path
+    devserver: DevServer, api: RunnerApi, workspace: Path, tmp_path: Path, daemons: DaemonProcesses
 ) -> None:
     """Errors, retries, debug logging, a crashing handler: neither secret is ever printed."""
     api_key = "opik-api-key-" + secrets.token_hex(8)
@@ -306,59 +309,34 @@ async def test_secrets_never_reach_the_output(
     key_file = tmp_path / "bridge.key"
     key_file.write_text(key_text)
     runner_id = await api.dev_create_runner("secretive", bridge_key=bridge_key)
-    env = environ_without_settings()
-    env.update({f"RUNNER_DAEMON_{k.upper()}": str(v) for k, v in FAST.items()})
-    env.update(
-        OPIK_API_KEY=api_key,
-        RUNNER_DAEMON_URL=devserver.url,
-        RUNNER_DAEMON_RUNNER_ID=runner_id,
-        RUNNER_DAEMON_BRIDGE_KEY_FILE=str(key_file),
-        RUNNER_DAEMON_WORKSPACE_ROOT=str(workspace),
-        RUNNER_DAEMON_LOG_LEVEL="debug",
-        RUNNER_DAEMON_LOG_FORMAT="json",
+    env = daemon_environment(
+        devserver.url,
+        runner_id,
+        workspace,
+        bridge_key_file=key_file,
+        log_level="debug",
+        allow_unsigned_commands=False,
     )
+    env["OPIK_API_KEY"] = api_key
     for route, status, count in [("heartbeat", 503, 2), ("poll", 500, 2), ("poll", 401, 1)]:
         await api.dev_post("faults", {"route": route, "status": status, "count": count})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.slow_daemon"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        _, err = await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=30))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 77  # the injected 401 on poll: credentials refused
+    _, err = await finish(daemons.spawn(env))
+    assert daemons.last.returncode == 77  # the injected 401 on poll: credentials refused
     # Again, with commands that fail in every way and reports that must be retried.
     await api.dev_post("faults", {"route": "report", "status": 502, "count": 2})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.slow_daemon"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        await until(lambda: bridge_ready(api, runner_id), 20)
-        ids = [
-            await api.submit_command(runner_id, "Boom", {"note": api_key}),
-            await api.submit_command(runner_id, "ReadFile", {"path": key_text}),
-            await api.submit_command(runner_id, "Exec", {"command": "env; echo $OPIK_API_KEY"}),
-            await api.submit_command(runner_id, "ReadFile", {"path": "x", HMAC_FIELD: "bad"}),
-        ]
-        for command_id in ids:
-            await wait_terminal(api, runner_id, command_id)
-        exec_record = await api.get_command(runner_id, ids[2])
-        proc.send_signal(signal.SIGTERM)
-        out2, err2 = await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=20))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc = daemons.spawn(env)
+    await until(lambda: bridge_ready(api, runner_id), 20)
+    ids = [
+        await api.submit_command(runner_id, "Boom", {"note": api_key}),
+        await api.submit_command(runner_id, "ReadFile", {"path": key_text}),
+        await api.submit_command(runner_id, "Exec", {"command": "env; echo $OPIK_API_KEY"}),
+        await api.submit_command(runner_id, "ReadFile", {"path": "x", HMAC_FIELD: "bad"}),
+    ]
+    for command_id in ids:
+        await wait_terminal(api, runner_id, command_id)
+    exec_record = await api.get_command(runner_id, ids[2])
+    proc.send_signal(signal.SIGTERM)
+    out2, err2 = await finish(proc)
     everything = err + out2 + err2
     assert "handler raised" in err2 and "Traceback" not in everything
     assert exec_record.result is not None and exec_record.result["stdout"].strip()
