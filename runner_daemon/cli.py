@@ -26,7 +26,7 @@ from runner_daemon import __version__, credentials, pairing
 from runner_daemon.auth import encode_bridge_key
 from runner_daemon.client import RunnerApi, probe
 from runner_daemon.daemon import Daemon, ExitStatus
-from runner_daemon.errors import ApiError, ConfigError
+from runner_daemon.errors import ApiError, ConfigError, describe_validation_error
 from runner_daemon.handlers import HandlerRegistry, discover
 from runner_daemon.logs import configure_logging
 from runner_daemon.notify import Notifier
@@ -245,6 +245,9 @@ def settings_as_toml(values: dict[str, Any]) -> str:
 
 def cmd_devserver(args: argparse.Namespace) -> int:
     try:
+        from pydantic import ValidationError
+
+        from runner_daemon.devserver.faults import FaultProfile
         from runner_daemon.devserver.server import DevServer, DevServerConfig
     except ImportError as exc:
         print(
@@ -258,17 +261,46 @@ def cmd_devserver(args: argparse.Namespace) -> int:
         heartbeat_ttl_seconds=args.heartbeat_ttl_seconds,
         reaper_interval_seconds=args.reaper_interval_seconds,
     )
+    # Only the --fault-* flags given make up the profile; none given: no profile at all.
+    fault_flags = {
+        "latency_ms": args.fault_latency_ms,
+        "error_rate": args.fault_error_rate,
+        "rate_limit_rate": args.fault_429_rate,
+        "retry_after": args.fault_retry_after,
+        "reset_rate": args.fault_reset_rate,
+        "reset_after_processing_rate": args.fault_reset_after_processing_rate,
+        "routes": args.fault_routes.split(",") if args.fault_routes else None,
+        "seed": args.fault_seed,
+        "blackout_seconds": args.fault_blackout_seconds,
+        "blackout_mode": args.fault_blackout_mode,
+    }
+    given = {key: value for key, value in fault_flags.items() if value is not None}
     try:
-        server = DevServer(args.host, args.port, config)
+        faults = FaultProfile.model_validate(given) if given else None
+    except ValidationError as exc:
+        print(f"{PROG}: bad --fault-* flags: {describe_validation_error(exc)}", file=sys.stderr)
+        return ExitStatus.USAGE
+    try:
+        server = DevServer(args.host, args.port, config, state_file=args.state_file, faults=faults)
     except OSError as exc:
         print(f"{PROG}: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
         return ExitStatus.FAILURE
     for _ in range(args.create_runner):
         runner = server.state.create_runner("dev-runner")
         print(f"created runner {runner.id}", flush=True)
+    if args.state_file is not None:
+        print(f"state kept in {args.state_file} (read at start if present, written at exit)", flush=True)
+    if faults is not None:
+        print(f"injecting faults: {faults.model_dump_json(exclude_defaults=True)}", flush=True)
     print(f"Opik-compatible dev server listening on {server.url}", flush=True)
     print(f"create a runner with: curl -X POST {server.url}dev/runners", flush=True)
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    except ValueError as exc:  # an unreadable state file
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return ExitStatus.FAILURE
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled (the state is saved)
+        return 128 + signal.SIGINT
     return ExitStatus.OK
 
 
@@ -276,6 +308,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from runner_daemon.demo import run_demo
 
     return run_demo(args.log_format)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Dev server, daemon (and Opik's runner) in processes of their own; see runner_daemon.bench."""
+    from runner_daemon.bench import run_bench
+
+    return run_bench(args)
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -306,6 +345,24 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--heartbeat-ttl-seconds", type=float, default=15.0)
     dev.add_argument("--reaper-interval-seconds", type=float, default=5.0)
     dev.add_argument("--create-runner", type=int, default=0, metavar="N", help="create N runners at start")
+    dev.add_argument("--state-file", type=Path, metavar="PATH", help="load state at start, save it at exit")
+    faults = dev.add_argument_group("fault injection (on --fault-routes; default heartbeat,poll,report)")
+    faults.add_argument("--fault-latency-ms", type=float, metavar="MS", help="delay before handling")
+    faults.add_argument("--fault-error-rate", type=float, metavar="P", help="answer 500/502/503")
+    faults.add_argument("--fault-429-rate", type=float, metavar="P", help="answer 429 with Retry-After")
+    faults.add_argument("--fault-retry-after", type=float, metavar="SECONDS", help="for 429 answers (1)")
+    faults.add_argument("--fault-reset-rate", type=float, metavar="P", help="TCP reset before handling")
+    faults.add_argument(
+        "--fault-reset-after-processing-rate", type=float, metavar="P", help="TCP reset after handling"
+    )
+    faults.add_argument(
+        "--fault-routes", metavar="A,B", help="of heartbeat,poll,report,submit,pairing,runner,command; or *"
+    )
+    faults.add_argument("--fault-seed", type=int, metavar="N", help="seed of the fault RNG (reproducible)")
+    faults.add_argument(
+        "--fault-blackout-seconds", type=float, metavar="SECONDS", help="fail every non-/dev request at first"
+    )
+    faults.add_argument("--fault-blackout-mode", choices=["reset", "503"], help="how a blackout fails")
     dev.set_defaults(func=cmd_devserver)
 
     health = sub.add_parser("health", help="probe a running daemon's health listener (exit 0/1)")
@@ -329,6 +386,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="dev server + daemon in one process; submits a few commands")
     demo.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
     demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="measure throughput, latency, CPU, memory and start-up time")
+    bench.add_argument("-n", "--count", type=int, default=1000, help="commands to run (default 1000)")
+    bench.add_argument("--concurrency", type=int, default=10, help="the daemon's max_concurrency (10)")
+    bench.add_argument("--type", default="ReadFile", choices=["ReadFile", "ListFiles"], help="command type")
+    bench.add_argument("--rate", type=float, help="submit this many per second (default: a burst)")
+    bench.add_argument("--window", type=int, default=100, help="most commands unfinished at once (100)")
+    bench.add_argument("--warmup", type=int, help="commands run first, not measured (min(100, count))")
+    bench.add_argument("--idle", type=float, nargs="?", const=60.0, metavar="SECONDS", help="idle run (60)")
+    bench.add_argument("--compare", choices=["opik"], help="also run Opik's own bridge loop, same workload")
+    bench.add_argument("--opik-python", metavar="PATH", help="a Python that imports opik (default: this one)")
+    bench.add_argument("--opik-client", default="rest", choices=["rest", "sdk"], help="OpikApi or Opik()")
+    bench.add_argument("--timeout", type=float, help="seconds allowed per runner's run (120 + 0.05 x count)")
+    bench.add_argument("--json", action="store_true", help="print the figures as JSON")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

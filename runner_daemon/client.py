@@ -12,6 +12,7 @@ import base64
 import email.utils
 import json
 import math
+import ssl
 import time
 from collections.abc import Mapping
 from types import TracebackType
@@ -131,6 +132,19 @@ def _parse(model: type[M], response: httpx.Response) -> M:
         ) from None
 
 
+def tls_context(base_url: str) -> ssl.SSLContext | bool:
+    """Certificates checked against certifi's bundle (httpx's default) for an https:// URL.
+
+    For a plain http:// URL no TLS connection is ever made (every request is a relative path
+    and redirects are not followed), so the bundle is not loaded: that costs about 50 ms of
+    start-up and 1 MB per client. The context given instead trusts no certificate at all,
+    so a TLS connection, were one ever attempted, would fail instead of going unchecked.
+    """
+    if base_url.strip().lower().startswith("https://"):
+        return True
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
 class RunnerApi:
     """One shared connection pool to Opik for the daemon's whole life."""
 
@@ -157,6 +171,7 @@ class RunnerApi:
         # The pool is bounded so a leak or a storm shows up as a pool timeout, not a hang.
         self._http = httpx.AsyncClient(
             base_url=base_url,
+            verify=tls_context(base_url),
             headers=headers,
             timeout=self._timeout,
             limits=httpx.Limits(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,9 +58,17 @@ def clamp_timeout(timeout_seconds: int | None) -> float:
 def parse_command(raw: Any) -> BridgeCommand | MalformedCommand | str:
     """Validate one poll item; a string return says why it cannot even be answered."""
     try:
-        return BridgeCommand.model_validate(raw)
+        command = BridgeCommand.model_validate(raw)
     except ValidationError as exc:
         problem = describe_validation_error(exc)
+    else:
+        # Opik refuses such args at submission, so only a broken or hostile server sends them.
+        size = len(json.dumps(command.args, ensure_ascii=False, separators=(",", ":")))
+        if size <= MAX_PAYLOAD_CHARS:
+            return command
+        return MalformedCommand(
+            command.command_id, command.type, f"args: {size} characters, over the {MAX_PAYLOAD_CHARS} limit"
+        )
     command_id = raw.get("command_id") if isinstance(raw, dict) else None
     try:
         BridgeCommand.model_validate({"command_id": command_id, "type": ""})

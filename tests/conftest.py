@@ -67,3 +67,12 @@ async def api(devserver: DevServer) -> AsyncIterator[RunnerApi]:
 @pytest.fixture
 async def runner_id(api: RunnerApi) -> str:
     return await api.dev_create_runner("test-runner")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The reliability suite's table of faults by outcomes, when it ran."""
+    from tests import test_reliability
+
+    if test_reliability.ROWS:
+        terminalreporter.write_sep("=", "reliability: faults x outcomes")
+        terminalreporter.write_line(test_reliability.table())

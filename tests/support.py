@@ -6,11 +6,12 @@ import inspect
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import IO, Any, ClassVar
 
 import anyio
 
@@ -170,6 +171,11 @@ def daemon_environment(url: str, runner_id: str, workspace: Path, **settings: ob
     return env
 
 
+# Output files of the processes DaemonProcesses started, by pid. Files, not pipes: a pipe
+# nobody reads fills up after 64 KiB of logs and then blocks the daemon's every log line.
+_OUTPUTS: dict[int, tuple[IO[str], IO[str]]] = {}
+
+
 class DaemonProcesses:
     """Starts daemon processes for a test and kills whatever is left when it ends."""
 
@@ -179,9 +185,9 @@ class DaemonProcesses:
     def spawn(self, env: dict[str, str], *argv: str) -> subprocess.Popen[str]:
         """``python -m tests.slow_daemon`` (the test handlers), or ``python -m <argv...>``."""
         command = [sys.executable, "-m", *(argv or ("tests.slow_daemon",))]
-        proc = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in close()
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
+        _OUTPUTS[proc.pid] = (out, err)
         self._procs.append(proc)
         return proc
 
@@ -189,16 +195,33 @@ class DaemonProcesses:
     def last(self) -> subprocess.Popen[str]:
         return self._procs[-1]
 
+    def running(self) -> list[subprocess.Popen[str]]:
+        return [proc for proc in self._procs if proc.poll() is None]
+
     def close(self) -> None:
         for proc in self._procs:
             if proc.poll() is None:
                 proc.kill()
-            proc.communicate()
+            proc.wait()
+            for stream in _OUTPUTS.pop(proc.pid, ()):
+                stream.close()
+
+
+def output(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """What a process started by DaemonProcesses has written so far (stdout, stderr)."""
+    texts = []
+    for stream in _OUTPUTS[proc.pid]:
+        stream.seek(0)
+        texts.append(stream.read())
+    return texts[0], texts[1]
 
 
 async def finish(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[str, str]:
     """Wait for a process to exit (off the event loop); its stdout and stderr."""
-    return await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=timeout))
+    if proc.pid not in _OUTPUTS:
+        return await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=timeout))
+    await anyio.to_thread.run_sync(lambda: proc.wait(timeout))
+    return output(proc)
 
 
 def environ_without_settings() -> dict[str, str]:

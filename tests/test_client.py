@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import random
+import ssl
 
 import anyio
 import httpx
 import pytest
 
-from runner_daemon.client import RunnerApi, retry_after_seconds
+from runner_daemon.client import RunnerApi, retry_after_seconds, tls_context
 from runner_daemon.devserver.server import DevServer
 from runner_daemon.errors import (
     AlreadyReported,
@@ -113,3 +114,13 @@ async def test_cancelling_requests_under_a_contended_pool_leaks_no_slot(
                     tg.start_soon(_wait_for, client, runner_id, command_id, 1)
             for _ in range(20):
                 await client.get_runner(runner_id)
+
+
+def test_tls_context_verifies_https_and_trusts_nothing_for_plain_http() -> None:
+    assert tls_context("https://www.comet.com/opik/api/") is True  # httpx's default: certifi, checked
+    context = tls_context("http://127.0.0.1:5173/api/")
+    assert isinstance(context, ssl.SSLContext)
+    # No CA loaded (the bundle costs ~50 ms and 1 MB) and verification still required:
+    # a TLS connection through it, were one ever attempted, would fail closed.
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    assert context.cert_store_stats()["x509_ca"] == 0

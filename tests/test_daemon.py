@@ -255,3 +255,36 @@ async def test_malformed_poll_items_are_answered_or_logged(
     assert record.error is not None and record.error.code == "invalid_args"
     assert record.error.message.startswith("Malformed command from server: args:")
     assert stats.dropped == 3
+
+
+async def test_the_daemon_survives_every_malformed_poll_answer_of_the_dev_server(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+) -> None:
+    """Each kind on the dev server's menu: logged, answered failed where an id is usable, and
+    the loop goes on (a good command after each one still completes)."""
+    async with running_daemon(make_settings(devserver.url, runner_id, workspace)) as running:
+        stats = running.daemon.stats
+        for kind in ("not_json", "unknown_status"):
+            errors = stats.poll_errors
+            await api.dev_post(f"runners/{runner_id}/malformed", {"kind": kind})
+            await until(lambda errors=errors: stats.poll_errors > errors)  # type: ignore[misc]
+        spoiled: dict[str, str] = {}
+        settles = {"wrong_types": "failed", "huge_args": "failed", "no_command_id": "picked_up"}
+        for kind, settled in settles.items():
+            await api.dev_post(f"runners/{runner_id}/malformed", {"kind": kind})
+            command_id = await api.submit_command(runner_id, "ReadFile", {"path": "README.md"})
+            spoiled[kind] = command_id
+            await until(lambda c=command_id, s=settled: command_status_is(api, runner_id, c, s))  # type: ignore[misc]
+        good = await api.submit_command(runner_id, "ReadFile", {"path": "README.md"})
+        assert (await wait_terminal(api, runner_id, good)).status == "completed"
+        records = {kind: await api.get_command(runner_id, cid) for kind, cid in spoiled.items()}
+    for kind in ("wrong_types", "huge_args"):
+        error = records[kind].error
+        assert records[kind].status == "failed"
+        assert error is not None and error.code == "invalid_args"
+        assert error.message.startswith("Malformed command from server: args:")
+    assert "over the 1048576 limit" in str(records["huge_args"].error)
+    # Without its id the command cannot be answered: it stays picked up until the server's reaper.
+    assert records["no_command_id"].status == "picked_up"
+    assert stats.dropped == 2  # the id-less item and the "not a command" one of wrong_types
+    assert running.exit_status == ExitStatus.OK

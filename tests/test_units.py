@@ -70,6 +70,7 @@ def test_parse_command_accepts_a_wire_item() -> None:
         ({"command_id": "abc", "type": "ReadFile", "args": []}, True),
         ({"command_id": "abc", "args": {}}, True),
         ({"command_id": "abc", "type": "X", "timeout_seconds": "soon"}, True),
+        ({"command_id": "abc", "type": "WriteFile", "args": {"content": "x" * MAX_PAYLOAD_CHARS}}, True),
         ({"type": "ReadFile"}, False),
         ({"command_id": "", "type": "ReadFile"}, False),
         ({"command_id": "a/../b", "type": "ReadFile"}, False),

@@ -9,12 +9,23 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
+from runner_daemon.devserver.faults import (
+    ANSWER_KINDS,
+    MALFORMED_KINDS,
+    Action,
+    FaultMiddleware,
+    FaultProfile,
+    malformed_answer,
+    mark_reset,
+)
 from runner_daemon.devserver.state import ApiFailure, DevServerConfig, DevState, Fault
+from runner_daemon.errors import describe_validation_error
 from runner_daemon.pairing import approve
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -38,18 +49,40 @@ async def _json_body(request: Request) -> Any:
 def build_app(state: DevState) -> Starlette:
     config = state.config
 
-    def route(fault_name: str | None, handler: Endpoint) -> Endpoint:
-        """Wrap a handler: injected faults first, ``ApiFailure`` becomes an error answer."""
+    def route(fault_name: str | None, handler: Endpoint, *, profile_name: str | None = None) -> Endpoint:
+        """Wrap a handler: injected faults first, ``ApiFailure`` becomes an error answer.
+
+        ``fault_name`` is the route's name in the fault queue (``POST /dev/faults``) and, unless
+        ``profile_name`` is given, in the fault profile; None for the dev routes (never faulted).
+        """
+        profiled = profile_name or fault_name
 
         async def endpoint(request: Request) -> Response:
+            if fault_name == "report":
+                params = request.path_params
+                state.count_report_attempt(params["runner_id"], params["command_id"])
             fault = state.take_fault(fault_name) if fault_name else None
-            if fault is not None:
+            if fault is not None:  # a one-off fault wins over the profile
+                state.injector.counters.queued += 1
                 headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else None
                 return _error(fault.status, "injected fault", headers)
+            decision = state.injector.decide(profiled) if profiled else None
+            if decision is not None and decision.latency:
+                await anyio.sleep(decision.latency)  # before handling (for a poll: before the hold)
+            if decision is not None:
+                if decision.action is Action.RESET_BEFORE and mark_reset(request.scope, partial=False):
+                    return Response(status_code=500)  # never sent: the connection is reset
+                if decision.action is Action.ERROR and decision.status is not None:
+                    return _error(decision.status, "injected fault")
+                if decision.action is Action.RATE_LIMIT:
+                    return _error(429, "injected rate limit", {"Retry-After": f"{decision.retry_after:g}"})
             try:
-                return await handler(request)
+                response = await handler(request)
             except ApiFailure as exc:
-                return _error(exc.status, exc.message, exc.headers)
+                response = _error(exc.status, exc.message, exc.headers)
+            if decision is not None and decision.action is Action.RESET_AFTER:
+                mark_reset(request.scope, partial=True)  # processed, but the client never sees the answer
+            return response
 
         return endpoint
 
@@ -95,6 +128,8 @@ def build_app(state: DevState) -> Starlette:
         runner.counters.polls += 1
         runner.counters.max_commands_asked.append(asked)
         del runner.counters.max_commands_asked[:-1000]
+        if runner.malformed and runner.malformed[0] in ANSWER_KINDS:
+            return _malformed(runner.malformed.popleft(), [])
         taken = []
         async with anyio.create_task_group() as tg:
 
@@ -106,11 +141,18 @@ def build_app(state: DevState) -> Starlette:
 
             tg.start_soon(watch_disconnect)
             with anyio.move_on_after(config.poll_hold_seconds):
-                while not runner.removed and not (taken := state.take_pending(runner_id, asked)):
+                while (
+                    not runner.removed
+                    and not state.closing
+                    and not (taken := state.take_pending(runner_id, asked))
+                ):
                     await runner.submitted.wait()
             tg.cancel_scope.cancel()
         state.runner(runner_id)  # disconnected while we held the request: 404
-        return JSONResponse({"commands": [c.as_item() for c in taken]})
+        items = [c.as_item() for c in taken]
+        if items and runner.malformed:  # spoiled as it is sent, so a poll held meanwhile counts too
+            return _malformed(runner.malformed.popleft(), items)
+        return JSONResponse({"commands": items})
 
     async def report(request: Request) -> Response:
         body = await _json_body(request)
@@ -125,7 +167,7 @@ def build_app(state: DevState) -> Starlette:
             except ValueError:
                 raise ApiFailure(400, "timeout must be an integer") from None
             with anyio.move_on_after(min(max(timeout, 1), config.max_timeout_seconds)):
-                await command.done.wait()
+                await _first_of(command.done, state.closed)
         return JSONResponse(command.as_record())
 
     async def create_pairing(request: Request) -> Response:
@@ -186,17 +228,53 @@ def build_app(state: DevState) -> Starlette:
         return Response(status_code=204)
 
     async def dev_clear_faults(request: Request) -> Response:
+        body = await _json_body(request)
         state.faults.clear()
+        state.injector.clear(counters=isinstance(body, dict) and body.get("counters") is True)
         return Response(status_code=204)
 
+    async def dev_malformed(request: Request) -> Response:
+        runner = state.runner(request.path_params["runner_id"])
+        body = await _json_body(request)
+        kind = body.get("kind") if isinstance(body, dict) else None
+        count = body.get("count", 1) if isinstance(body, dict) else None
+        if kind not in MALFORMED_KINDS or not isinstance(count, int) or not 1 <= count <= 100:
+            raise ApiFailure(400, f"need kind (one of {', '.join(MALFORMED_KINDS)}) and count in [1, 100]")
+        runner.malformed.extend([kind] * count)
+        return Response(status_code=204)
+
+    def faults_view() -> dict[str, Any]:
+        queued = [dict(fault.__dict__) for fault in state.faults]
+        return {**state.injector.view(), "queued": queued}
+
+    async def dev_get_faults(request: Request) -> Response:
+        return JSONResponse(faults_view())
+
+    async def dev_set_fault_profile(request: Request) -> Response:
+        body = await _json_body(request)
+        try:
+            profile = FaultProfile.model_validate(body)
+        except ValidationError as exc:
+            raise ApiFailure(400, describe_validation_error(exc)) from None
+        state.injector.set_profile(profile)
+        return JSONResponse(faults_view())
+
+    async def dev_runner_commands(request: Request) -> Response:
+        commands = state.runner_commands(request.path_params["runner_id"])
+        return JSONResponse([command.as_dev_record() for command in commands])
+
     routes: list[BaseRoute] = [
-        Route(RUNNER, route(None, get_runner), methods=["GET"]),
-        Route(RUNNER, route(None, delete_runner), methods=["DELETE"]),
+        Route(RUNNER, route(None, get_runner, profile_name="runner"), methods=["GET"]),
+        Route(RUNNER, route(None, delete_runner, profile_name="runner"), methods=["DELETE"]),
         Route(f"{RUNNER}/heartbeats", route("heartbeat", heartbeat), methods=["POST"]),
         Route(f"{RUNNER}/bridge/commands", route("submit", submit), methods=["POST"]),
         Route(f"{RUNNER}/bridge/commands/next", route("poll", next_commands), methods=["POST"]),
         Route(f"{RUNNER}/bridge/commands/{{command_id}}/results", route("report", report), methods=["POST"]),
-        Route(f"{RUNNER}/bridge/commands/{{command_id}}", route(None, get_command), methods=["GET"]),
+        Route(
+            f"{RUNNER}/bridge/commands/{{command_id}}",
+            route(None, get_command, profile_name="command"),
+            methods=["GET"],
+        ),
         Route("/v1/private/pairing/sessions", route("pairing", create_pairing), methods=["POST"]),
         Route(
             "/v1/private/pairing/sessions/{session_id}/activate",
@@ -207,7 +285,11 @@ def build_app(state: DevState) -> Starlette:
         Route("/dev/runners", route(None, dev_create_runner), methods=["POST"]),
         Route("/dev/runners/{runner_id}/stats", route(None, dev_stats), methods=["GET"]),
         Route("/dev/runners/{runner_id}/evict", route(None, dev_evict), methods=["POST"]),
+        Route("/dev/runners/{runner_id}/commands", route(None, dev_runner_commands), methods=["GET"]),
+        Route("/dev/runners/{runner_id}/malformed", route(None, dev_malformed), methods=["POST"]),
         Route("/dev/faults", route(None, dev_faults), methods=["POST"]),
+        Route("/dev/faults", route(None, dev_get_faults), methods=["GET"]),
+        Route("/dev/faults/profile", route(None, dev_set_fault_profile), methods=["POST"]),
         Route("/dev/faults/clear", route(None, dev_clear_faults), methods=["POST"]),
     ]
 
@@ -227,6 +309,24 @@ def build_app(state: DevState) -> Starlette:
     return Starlette(routes=[*routes, Mount("/api", routes=routes)], lifespan=lifespan)
 
 
-def make_app(config: DevServerConfig | None = None) -> tuple[Starlette, DevState]:
+def _malformed(kind: str, items: list[Any]) -> Response:
+    status, body, media_type = malformed_answer(kind, items)
+    return Response(body, status_code=status, media_type=media_type)
+
+
+async def _first_of(*events: anyio.Event) -> None:
+    """Return as soon as any of the events is set."""
+    async with anyio.create_task_group() as tg:
+
+        async def wait(event: anyio.Event) -> None:
+            await event.wait()
+            tg.cancel_scope.cancel()
+
+        for event in events:
+            tg.start_soon(wait, event)
+
+
+def make_app(config: DevServerConfig | None = None) -> tuple[FaultMiddleware, DevState]:
+    """The app with fault injection around it (the outermost layer, to reach the connection)."""
     state = DevState(config or DevServerConfig())
-    return build_app(state), state
+    return FaultMiddleware(build_app(state), state.injector), state

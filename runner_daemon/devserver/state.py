@@ -2,6 +2,9 @@
 
 Every method is synchronous and runs on the server's event loop, so each one is atomic with
 respect to concurrent requests; the routes only await *between* calls (long polls, waits).
+:meth:`DevState.snapshot` and :meth:`DevState.restore` turn it into JSON and back (times kept
+on the monotonic clock become Unix times on the way out and back), so a dev server can be
+stopped and started again with the same runners and commands.
 """
 
 from __future__ import annotations
@@ -9,10 +12,12 @@ from __future__ import annotations
 import base64
 import hmac
 import json
+import os
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +25,7 @@ from typing import Any
 import anyio
 
 from runner_daemon.auth import HMAC_FIELD, derive_bridge_key, sign
+from runner_daemon.devserver.faults import FaultInjector
 from runner_daemon.pairing import activation_hmac
 
 WRITE_TYPES = frozenset({"WriteFile", "EditFile", "Exec"})
@@ -104,6 +110,7 @@ class Runner:
     submit_times: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
     write_times: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
     counters: RunnerCounters = field(default_factory=RunnerCounters)
+    malformed: deque[str] = field(default_factory=lambda: deque(maxlen=1000))  # spoiled poll answers
 
 
 @dataclass
@@ -124,6 +131,8 @@ class Command:
     error: dict[str, Any] | None = None
     duration_ms: int | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
+    report_attempts: int = 0  # report requests that reached the server, faults included
+    accepted_reports: int = 0  # reports that stored a result: 0 or 1, unless something is wrong
 
     def as_item(self) -> dict[str, Any]:
         return {
@@ -148,6 +157,13 @@ class Command:
             "picked_up_at": self.picked_up_at,
             "completed_at": self.completed_at,
             "duration_ms": self.duration_ms,
+        }
+
+    def as_dev_record(self) -> dict[str, Any]:
+        return {
+            **self.as_record(),
+            "report_attempts": self.report_attempts,
+            "accepted_reports": self.accepted_reports,
         }
 
 
@@ -179,6 +195,10 @@ class DevState:
         self.commands: dict[str, Command] = {}
         self.faults: deque[Fault] = deque(maxlen=1000)
         self.pairings: dict[str, PairingSession] = {}
+        self.injector = FaultInjector(clock)
+        # Set when the server stops: held polls and waits answer at once instead of holding.
+        self.closing = False
+        self.closed = anyio.Event()
 
     # --- runners ------------------------------------------------------------------------
 
@@ -366,6 +386,7 @@ class DevState:
             counters.reports_conflict += 1
             raise ApiFailure(409, "Command already completed")
         counters.reports_accepted += 1
+        command.accepted_reports += 1
         command.result = body.get("result")
         command.error = body.get("error")
         duration = body.get("duration_ms")
@@ -412,6 +433,24 @@ class DevState:
             ):
                 del self.commands[command.id]
 
+    def count_report_attempt(self, runner_id: str, command_id: str) -> None:
+        command = self.commands.get(command_id)
+        if command is not None and command.runner_id == runner_id:
+            command.report_attempts += 1
+
+    def runner_commands(self, runner_id: str) -> list[Command]:
+        """Every command of the runner the server still keeps, in submission order."""
+        if runner_id not in self.runners:
+            raise ApiFailure(404, "Runner not found")
+        return [c for c in self.commands.values() if c.runner_id == runner_id]
+
+    def begin_close(self) -> None:
+        """The server is stopping: release every held poll (empty) and wait (as it is)."""
+        self.closing = True
+        self.closed.set()
+        for runner in self.runners.values():
+            runner.submitted.notify()
+
     # --- faults (dev only) --------------------------------------------------------------
 
     def add_fault(self, fault: Fault) -> None:
@@ -425,3 +464,169 @@ class DevState:
                     self.faults.remove(fault)
                 return fault
         return None
+
+
+# --- persistence ------------------------------------------------------------------------------
+
+STATE_VERSION = 1
+
+
+def _b64(key: bytes | None) -> str | None:
+    return base64.b64encode(key).decode() if key is not None else None
+
+
+def _unb64(text: str | None) -> bytes | None:
+    return base64.b64decode(text) if text is not None else None
+
+
+class _Clocks:
+    """Converts between the state's monotonic clock and Unix time, at one instant."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.mono, self.wall = clock(), time.time()
+
+    def to_wall(self, mono: float | None) -> float | None:
+        return None if mono is None else self.wall + (mono - self.mono)
+
+    def to_mono(self, wall: float | None) -> float | None:
+        return None if wall is None else self.mono + (float(wall) - self.wall)
+
+
+def snapshot(state: DevState) -> dict[str, Any]:
+    """The whole state as JSON-ready data; monotonic times as Unix times."""
+    clocks = _Clocks(state._clock)
+    runners = [
+        {
+            "id": r.id,
+            "name": r.name,
+            "project_id": r.project_id,
+            "created_at": r.created_at,
+            "capabilities": r.capabilities,
+            "connected_at": r.connected_at,
+            "last_heartbeat": clocks.to_wall(r.last_heartbeat),
+            "removed": r.removed,
+            "visible": r.visible,
+            "bridge_key": _b64(r.bridge_key),
+            "submit_times": [clocks.to_wall(t) for t in r.submit_times],
+            "write_times": [clocks.to_wall(t) for t in r.write_times],
+            "counters": r.counters.as_dict(),
+        }
+        for r in state.runners.values()
+    ]
+    commands = [
+        {
+            **{k: v for k, v in c.__dict__.items() if not k.endswith("_mono") and k != "done"},
+            "submitted_wall": clocks.to_wall(c.submitted_mono),
+            "picked_up_wall": clocks.to_wall(c.picked_up_mono),
+            "finished_wall": clocks.to_wall(c.finished_mono),
+        }
+        for c in state.commands.values()
+    ]
+    pairings = [
+        {
+            "id": p.id,
+            "runner_id": p.runner_id,
+            "project_id": p.project_id,
+            "activation_key": _b64(p.activation_key),
+            "expires_wall": clocks.to_wall(p.expires),
+            "activated": p.activated,
+        }
+        for p in state.pairings.values()
+    ]
+    return {
+        "version": STATE_VERSION,
+        "saved_at": now_iso(),
+        "runners": runners,
+        "commands": commands,
+        "pairings": pairings,
+        "queued_faults": [dict(f.__dict__) for f in state.faults],
+        "injector": state.injector.snapshot(),
+    }
+
+
+def restore(state: DevState, data: dict[str, Any]) -> None:
+    """Add what :func:`snapshot` saved to ``state`` (entries with the same id are replaced).
+
+    Must run on the server's event loop (it creates the loop's events)."""
+    if data.get("version") != STATE_VERSION:
+        raise ValueError(f"unsupported state version {data.get('version')!r}")
+    clocks = _Clocks(state._clock)
+    for item in data["runners"]:
+        runner = Runner(
+            id=item["id"],
+            name=item["name"],
+            project_id=item["project_id"],
+            created_at=item["created_at"],
+            capabilities=item["capabilities"],
+            connected_at=item["connected_at"],
+            last_heartbeat=clocks.to_mono(item["last_heartbeat"]),
+            removed=item["removed"],
+            visible=item["visible"],
+            bridge_key=_unb64(item["bridge_key"]),
+        )
+        runner.submit_times.extend(t for t in map(clocks.to_mono, item["submit_times"]) if t is not None)
+        runner.write_times.extend(t for t in map(clocks.to_mono, item["write_times"]) if t is not None)
+        known = RunnerCounters.__dataclass_fields__
+        runner.counters = RunnerCounters(**{k: v for k, v in item["counters"].items() if k in known})
+        state.runners[runner.id] = runner
+    for item in data["commands"]:
+        fields = {k: v for k, v in item.items() if k in Command.__dataclass_fields__}
+        submitted = clocks.to_mono(item["submitted_wall"])
+        command = Command(
+            **fields,
+            submitted_mono=submitted if submitted is not None else clocks.mono,
+            picked_up_mono=clocks.to_mono(item["picked_up_wall"]),
+            finished_mono=clocks.to_mono(item["finished_wall"]),
+        )
+        if command.status in TERMINAL:
+            command.done.set()
+        state.commands[command.id] = command
+    for item in data["pairings"]:
+        expires = clocks.to_mono(item["expires_wall"])
+        key = _unb64(item["activation_key"])
+        assert expires is not None and key is not None
+        state.pairings[item["id"]] = PairingSession(
+            item["id"], item["runner_id"], item["project_id"], key, expires, item["activated"]
+        )
+    state.faults.extend(Fault(**f) for f in data.get("queued_faults", []))
+    state.injector.restore(data.get("injector") or {})
+
+
+def save_state(state: DevState, path: os.PathLike[str] | str) -> None:
+    """Write the snapshot atomically (temporary file, fsync, rename, fsync of the folder), 0600:
+    it holds bridge keys."""
+    target = os.fspath(path)
+    folder = os.path.dirname(target) or "."
+    temporary = os.path.join(folder, f".{os.path.basename(target)}.{os.getpid()}.tmp")
+    data = json.dumps(snapshot(state), separators=(",", ":")).encode()
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(temporary)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_state(state: DevState, path: os.PathLike[str] | str) -> bool:
+    """Restore from ``path`` if it exists; False when there is no file. ValueError if unreadable."""
+    try:
+        with open(path, "rb") as source:
+            raw = source.read()
+    except FileNotFoundError:
+        return False
+    try:
+        data = json.loads(raw)
+        restore(state, data)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot load the dev server's state from {os.fspath(path)}: {exc!r}") from None
+    return True
