@@ -18,9 +18,7 @@ from runner_daemon.backoff import Backoff
 from runner_daemon.client import RunnerApi
 from runner_daemon.errors import ApiError, RateLimited, RunnerGone, Unauthorized
 from runner_daemon.handlers import HandlerRegistry
-from runner_daemon.health import HealthServer
 from runner_daemon.loop import BridgeLoop, LoopStats
-from runner_daemon.metrics import metrics_registry
 from runner_daemon.models import BRIDGE_CAPABILITY
 from runner_daemon.notify import Notifier
 from runner_daemon.outbox import Interrupted, Outbox, OwedResult
@@ -85,7 +83,6 @@ class Daemon:
         self._root: anyio.CancelScope | None = None
         self._startup_scope: anyio.CancelScope | None = None
         self.notifier = notifier or Notifier(None)
-        self.metrics = metrics_registry(self)
         self.health_port: int | None = None  # bound port of the health listener, once serving
 
     # --- control, called from the CLI's signal handling ---------------------------------
@@ -128,10 +125,14 @@ class Daemon:
         return self._exit_status()
 
     async def _start_health(self, group: TaskGroup) -> bool:
+        # Imported here: prometheus-client costs 1.3 MB of RSS, spent only with a listener.
+        from runner_daemon.health import HealthServer
+        from runner_daemon.metrics import metrics_registry
+
         listen = self._settings.health.listen
         assert listen is not None
         try:
-            self.health_port = await group.start(HealthServer(self, self.metrics).serve, listen)
+            self.health_port = await group.start(HealthServer(self, metrics_registry(self)).serve, listen)
         except OSError as exc:
             log.error("cannot serve the health listener", listen=listen, error=exc.strerror or str(exc))
             self.state = "stopped"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import random
+import socket
 import ssl
 
 import anyio
 import httpx
 import pytest
 
-from runner_daemon.client import RunnerApi, retry_after_seconds, tls_context
+from runner_daemon.client import RunnerApi, _readable, _Stream, retry_after_seconds, tls_context
 from runner_daemon.devserver.server import DevServer
 from runner_daemon.errors import (
     AlreadyReported,
@@ -117,10 +118,34 @@ async def test_cancelling_requests_under_a_contended_pool_leaks_no_slot(
 
 
 def test_tls_context_verifies_https_and_trusts_nothing_for_plain_http() -> None:
-    assert tls_context("https://www.comet.com/opik/api/") is True  # httpx's default: certifi, checked
+    checked = tls_context("https://www.comet.com/opik/api/")  # httpx's default: certifi's bundle
+    assert checked.verify_mode == ssl.CERT_REQUIRED and checked.cert_store_stats()["x509_ca"] > 0
     context = tls_context("http://127.0.0.1:5173/api/")
     assert isinstance(context, ssl.SSLContext)
     # No CA loaded (the bundle costs ~50 ms and 1 MB) and verification still required:
     # a TLS connection through it, were one ever attempted, would fail closed.
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
     assert context.cert_store_stats()["x509_ca"] == 0
+
+
+async def test_pooled_connections_use_the_stream_with_a_cheap_readability_check(devserver: DevServer) -> None:
+    """The pool in use is the client's own (see client._Stream), should httpx's internals move."""
+    async with RunnerApi(devserver.url) as client:
+        runner_id = await client.dev_create_runner("pool")
+        await client.get_runner(runner_id)
+        pool = client._http._transport._pool  # type: ignore[attr-defined]
+        (connection,) = pool.connections
+        stream = connection._connection._network_stream
+        assert isinstance(stream, _Stream)
+        assert stream.get_extra_info("is_readable") is False  # idle and open
+        assert (await client.get_runner(runner_id)).id == runner_id
+        assert pool.connections == [connection]  # kept alive and reused
+
+
+def test_readable_means_the_peer_closed_or_sent() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        assert not _readable(ours)
+        theirs.close()
+        assert _readable(ours)
+    assert _readable(ours)  # closed here: fileno -1
