@@ -719,6 +719,9 @@ class Bench:
                 "RUNNER_DAEMON_LOG_LEVEL": "warning",
                 "RUNNER_DAEMON_LOG_FORMAT": "json",
                 "RUNNER_DAEMON_MAX_CONCURRENCY": str(self.options.concurrency),
+                # Nothing runs when the bench stops it: the grace only bounds the wait for its
+                # open poll (held 30 s by the dev server), which it keeps at a stop.
+                "RUNNER_DAEMON_SHUTDOWN_GRACE_SECONDS": "2",
                 "NOTIFY_SOCKET": address,
             }
             return [sys.executable, "-m", "runner_daemon", "run"], env

@@ -67,7 +67,10 @@ async def watch_signals(daemon: Daemon) -> None:
                 return
             name = signal.Signals(signum).name
             if signum == signal.SIGINT and sys.stderr.isatty():
-                print("\nStopping after in-flight commands; press Ctrl-C again to exit now.", file=sys.stderr)
+                print(
+                    "\nStopping after in-flight commands and the open poll; press Ctrl-C again to exit now.",
+                    file=sys.stderr,
+                )
             daemon.request_stop(name)
 
 

@@ -79,6 +79,7 @@ class Daemon:
         self.last_contact: float | None = None
         self.fatal_error: ApiError | None = None
         self._stop_requested = False
+        self._drain_deadline: float | None = None  # on anyio's clock, once a stop was requested
         self._forced_by: int | None = None
         self._root: anyio.CancelScope | None = None
         self._startup_scope: anyio.CancelScope | None = None
@@ -96,9 +97,16 @@ class Daemon:
         if self._stop_requested:
             return
         self._stop_requested = True
-        log.info("stopping: finishing in-flight commands", reason=reason, in_flight=self.loop.in_flight)
+        grace = self._settings.shutdown_grace_seconds
+        self._drain_deadline = anyio.current_time() + grace
+        log.info(
+            "stopping: finishing in-flight commands and the open poll",
+            reason=reason,
+            in_flight=self.loop.in_flight,
+            grace_seconds=grace,
+        )
         self.notifier.stopping(f"stopping ({reason}): {self.loop.in_flight} commands in flight")
-        self.loop.stop_polling()
+        self.loop.stop_polling(poll_grace=grace)
         if self._startup_scope is not None:
             self._startup_scope.cancel()
 
@@ -178,7 +186,11 @@ class Daemon:
                     await self.loop.run(work)
                     self.state = "draining"
                     # Heartbeats go on while draining: the server must still see us alive.
-                    await self.loop.drain(self._settings.shutdown_grace_seconds, work)
+                    # One grace period from the stop request, the open poll's wait included.
+                    grace = self._settings.shutdown_grace_seconds
+                    if self._drain_deadline is not None:
+                        grace = max(0.0, self._drain_deadline - anyio.current_time())
+                    await self.loop.drain(grace, work)
                 services.cancel_scope.cancel()
         finally:
             # Background processes die with the daemon, even on a forced exit.

@@ -116,6 +116,6 @@ def run_demo(log_format: LogFormat = "auto") -> int:
     with tempfile.TemporaryDirectory(prefix="runner-daemon-demo-") as tmp:
         workspace = Path(tmp)
         _make_workspace(workspace)
-        with DevServer(config=DevServerConfig(poll_hold_seconds=5)) as server:
+        with DevServer(config=DevServerConfig(poll_hold_seconds=1)) as server:
             print(f"dev server on {server.url}; workspace {workspace}", file=sys.stderr, flush=True)
             return anyio.run(_demo, server, workspace, log_format)

@@ -295,11 +295,20 @@ class BridgeLoop:
     def in_flight(self) -> int:
         return len(self._claimed)
 
-    def stop_polling(self) -> None:
-        """Stop at once: no new poll, and an open poll is abandoned."""
+    def stop_polling(self, poll_grace: float | None = None) -> None:
+        """No new poll; an open poll may still answer for ``poll_grace`` seconds (None: none).
+
+        A server may already have picked commands up for a poll it holds (Opik's cannot tell
+        that a client hung up until it writes the answer): were the poll abandoned, those
+        commands would get no report at all. What it returns is reported ``cancelled``.
+        """
         self.stopping = True
         if self._poll_scope is not None:
-            self._poll_scope.cancel()
+            if poll_grace is None:
+                self._poll_scope.cancel()
+            else:
+                deadline = anyio.current_time() + poll_grace
+                self._poll_scope.deadline = min(self._poll_scope.deadline, deadline)
         self._notify()
 
     def cancel_in_flight(self) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from runner_daemon.client import RunnerApi
 from runner_daemon.daemon import ExitStatus
-from runner_daemon.devserver.server import DevServer
+from runner_daemon.devserver.server import DevServer, DevServerConfig
 from runner_daemon.errors import Conflict
 from runner_daemon.loop import BridgeLoop, LoopStats
 from runner_daemon.models import ResultReport
@@ -288,3 +288,25 @@ async def test_the_daemon_survives_every_malformed_poll_answer_of_the_dev_server
     assert records["no_command_id"].status == "picked_up"
     assert stats.dropped == 2  # the id-less item and the "not a command" one of wrong_types
     assert running.exit_status == ExitStatus.OK
+
+
+@pytest.mark.parametrize("devserver_config", [DevServerConfig(poll_hold_seconds=10)])
+async def test_a_poll_open_at_the_stop_may_still_answer_and_its_commands_are_reported(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+) -> None:
+    """Opik's server cannot tell that a client hung up on a held poll: the daemon keeps the
+    poll open through the grace period, and what it returns is reported, not lost."""
+
+    async def polls() -> int:
+        return int((await api.dev_get(f"runners/{runner_id}/stats"))["polls"])
+
+    async with running_daemon(make_settings(devserver.url, runner_id, workspace)) as running:
+        await until(polls)
+        running.daemon.request_stop("test")
+        command_id = await api.submit_command(runner_id, "ReadFile", {"path": "README.md"})
+        record = await wait_terminal(api, runner_id, command_id)
+    assert record.status == "failed"
+    assert record.error is not None and record.error.code == "cancelled"
+    assert "not started" in record.error.message
+    assert running.exit_status == ExitStatus.OK
+    assert await polls() == 1
