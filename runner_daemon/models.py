@@ -21,7 +21,7 @@ BRIDGE_CAPABILITY = "bridge"
 
 class _Wire(BaseModel):
     # Opik may add fields; ignoring them keeps an older daemon working against a newer server.
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, defer_build=True)
 
 
 class HeartbeatRequest(_Wire):

@@ -24,7 +24,7 @@ T = TypeVar("T")
 class Args(BaseModel):
     """Base of handler argument models: unknown keys are ignored, as Opik's runner does."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, defer_build=True)
 
 
 class Abandoned(Exception):

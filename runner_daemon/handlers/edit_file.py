@@ -44,7 +44,7 @@ Span = tuple[int, int]  # start, end in the LF text
 
 
 class Edit(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     old_string: str
     new_string: str

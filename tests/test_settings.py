@@ -1,0 +1,67 @@
+"""The settings sources and how they merge (pure logic: environments are given as dicts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runner_daemon.errors import ConfigError
+from runner_daemon.settings import DEFAULT_DENY_PATHS, load_settings
+
+
+def test_nested_tables_merge_file_and_environment(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[exec]\nallow_prefixes = ["git "]\nmax_background = 2\n')
+    env = {"RUNNER_DAEMON_EXEC__ENABLED": "false", "runner_daemon_exec__max_background": "3"}
+    settings = load_settings(config, {"workspace_root": tmp_path}, env)
+    assert settings.exec.enabled is False
+    assert settings.exec.allow_prefixes == ("git ",)  # kept from the file
+    assert settings.exec.max_background == 3  # the environment wins, in any case
+    assert settings.health.listen is None
+
+
+def test_lists_and_tables_come_as_json(tmp_path: Path) -> None:
+    env = {
+        "RUNNER_DAEMON_DENY_PATHS": '[".env", "*.secret"]',
+        "RUNNER_DAEMON_HEALTH": '{"listen": "127.0.0.1:9464"}',
+        "RUNNER_DAEMON_EXEC__SECRET_ENV": '["TOKEN"]',
+    }
+    settings = load_settings(None, {"workspace_root": tmp_path}, env)
+    assert settings.deny_paths == (".env", "*.secret")
+    assert settings.health.listen == "127.0.0.1:9464"
+    assert settings.exec.secret_env == ("TOKEN",)
+
+
+def test_bad_json_in_the_environment_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^RUNNER_DAEMON_DENY_PATHS: expected JSON"):
+        load_settings(None, {"workspace_root": tmp_path}, {"RUNNER_DAEMON_DENY_PATHS": ".env"})
+
+
+def test_empty_and_unknown_variables_are_ignored(tmp_path: Path) -> None:
+    env = {
+        "RUNNER_DAEMON_MAX_CONCURRENCY": "",
+        "RUNNER_DAEMON_BENCH_DEVSERVER": "{}",  # another tool's variable with our prefix
+        "RUNNER_DAEMON_EXEC__NO_SUCH_KEY": "1",
+        "RUNNER_DAEMON_URL__X": "1",
+        "OPIK_WORKSPACE": "",
+    }
+    settings = load_settings(None, {"workspace_root": tmp_path}, env)
+    assert settings.max_concurrency == 10
+    assert settings.workspace is None
+    assert settings.deny_paths == DEFAULT_DENY_PATHS
+
+
+def test_unknown_keys_in_the_file_are_refused(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("max_concurency = 3\n")
+    with pytest.raises(ConfigError, match="max_concurency: unknown setting"):
+        load_settings(config, {"workspace_root": tmp_path}, {})
+
+
+def test_values_from_the_environment_are_validated_like_any_other(tmp_path: Path) -> None:
+    env = {"RUNNER_DAEMON_EXEC__MAX_BACKGROUND": "many"}
+    with pytest.raises(ConfigError, match=r"^exec\.max_background: "):
+        load_settings(None, {"workspace_root": tmp_path}, env)
+    settings = load_settings(None, {"workspace_root": tmp_path}, {"RUNNER_DAEMON_READ_ONLY": "yes"})
+    assert settings.read_only is True
