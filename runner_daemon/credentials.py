@@ -9,8 +9,6 @@ variable for the runner id, and a key file (a mounted secret in a container), ov
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +17,7 @@ from pathlib import Path
 from runner_daemon.auth import decode_bridge_key, encode_bridge_key
 from runner_daemon.errors import ConfigError
 from runner_daemon.settings import Settings
+from runner_daemon.statedir import write_private_file
 
 CREDENTIALS_FILE = "credentials.json"
 
@@ -48,22 +47,7 @@ def store(directory: Path, credentials: Credentials, project_id: str | None = No
         "paired_at": datetime.now(UTC).isoformat(),
     }
     target = directory / CREDENTIALS_FILE
-    temp = directory / f".{CREDENTIALS_FILE}.{secrets.token_hex(4)}"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as stream:
-            json.dump(document, stream, indent=2)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_private_file(target, json.dumps(document, indent=2).encode())
     return target
 
 

@@ -285,6 +285,7 @@ class BridgeLoop:
         self._claimed: dict[str, anyio.CancelScope] = {}
         self._changed = anyio.Event()
         self._poll_scope: anyio.CancelScope | None = None
+        self._backoff_scope: anyio.CancelScope | None = None
         self.stopping = False
         # Liveness, for the watchdog and /healthz: when the loop last moved, and whether it is
         # legitimately parked waiting for a free execution slot.
@@ -303,6 +304,8 @@ class BridgeLoop:
         commands would get no report at all. What it returns is reported ``cancelled``.
         """
         self.stopping = True
+        if self._backoff_scope is not None:
+            self._backoff_scope.cancel()
         if self._poll_scope is not None:
             if poll_grace is None:
                 self._poll_scope.cancel()
@@ -324,6 +327,7 @@ class BridgeLoop:
             await self._gather_slots()
             self.last_tick = time.monotonic()
             items: list[Any] = []
+            failure: ApiError | None = None
             with anyio.CancelScope() as self._poll_scope:
                 if self.stopping:
                     break
@@ -333,12 +337,16 @@ class BridgeLoop:
                     self._on_fatal(exc)
                     return
                 except ApiError as exc:
-                    await self._poll_failed(exc, backoff)
+                    failure = exc
                 else:
                     backoff.reset()
             self._poll_scope = None
             # Outside the scope: whatever a poll returned is dispatched, stopping or not.
             self.dispatch(items, work)
+            if failure is not None:
+                with anyio.CancelScope() as self._backoff_scope:  # a stop ends it at once
+                    await self._poll_failed(failure, backoff)
+                self._backoff_scope = None
 
     async def poll(self, max_commands: int) -> list[Any]:
         """Phase 1: one long poll."""

@@ -28,6 +28,7 @@ import anyio.to_thread
 import structlog
 
 from runner_daemon.errors import ConfigError
+from runner_daemon.statedir import fsync_folder
 
 log = structlog.get_logger("runner_daemon.outbox")
 
@@ -147,7 +148,7 @@ class Outbox:
         new_fd = os.open(temp, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         fcntl.flock(new_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.replace(temp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_folder(self.path.parent)
         os.close(self._fd)  # the old file's lock goes with it; the new one holds the path now
         self._fd = new_fd
         self._size = len(data)
@@ -224,11 +225,3 @@ def _result_line(entry: OwedResult) -> bytes:
             "body": entry.body.decode(),
         }
     )
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

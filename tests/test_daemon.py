@@ -310,3 +310,20 @@ async def test_a_poll_open_at_the_stop_may_still_answer_and_its_commands_are_rep
     assert "not started" in record.error.message
     assert running.exit_status == ExitStatus.OK
     assert await polls() == 1
+
+
+async def test_a_stop_during_the_poll_back_off_is_not_delayed_by_it(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+) -> None:
+    """Only an open poll is waited for at a stop; a back-off between polls ends at once."""
+    settings = make_settings(
+        devserver.url, runner_id, workspace, retry_initial_seconds=20.0, retry_max_seconds=20.0
+    )
+    await api.dev_post("faults", {"route": "poll", "status": 503, "count": 1})
+    async with running_daemon(settings) as running:
+        await until(lambda: running.daemon.stats.poll_errors == 1)
+        started = time.monotonic()
+        running.daemon.request_stop("test")
+        await until(lambda: running.daemon.state == "stopped", timeout=5)  # the back-off: 10-20 s
+    assert time.monotonic() - started < 5
+    assert running.exit_status == ExitStatus.OK

@@ -17,9 +17,9 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -27,6 +27,7 @@ import anyio
 from runner_daemon.auth import HMAC_FIELD, derive_bridge_key, sign
 from runner_daemon.devserver.faults import FaultInjector
 from runner_daemon.pairing import activation_hmac
+from runner_daemon.statedir import write_private_file
 
 WRITE_TYPES = frozenset({"WriteFile", "EditFile", "Exec"})
 TERMINAL = frozenset({"completed", "failed", "timed_out"})
@@ -593,28 +594,8 @@ def restore(state: DevState, data: dict[str, Any]) -> None:
 
 
 def save_state(state: DevState, path: os.PathLike[str] | str) -> None:
-    """Write the snapshot atomically (temporary file, fsync, rename, fsync of the folder), 0600:
-    it holds bridge keys."""
-    target = os.fspath(path)
-    folder = os.path.dirname(target) or "."
-    temporary = os.path.join(folder, f".{os.path.basename(target)}.{os.getpid()}.tmp")
-    data = json.dumps(snapshot(state), separators=(",", ":")).encode()
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(temporary)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write the snapshot atomically, 0600: it holds bridge keys."""
+    write_private_file(Path(path), json.dumps(snapshot(state), separators=(",", ":")).encode())
 
 
 def load_state(state: DevState, path: os.PathLike[str] | str) -> bool:
