@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -247,10 +248,25 @@ async def test_daemon_sigkill_mid_command_then_restart(tmp_path: Path, daemons: 
     async with harness(tmp_path, daemons) as h:
         first = h.start_daemon()
         await h.ready()
-        ids = await h.submit(COMMANDS, seconds=0.1)
+        ids = await h.submit(COMMANDS, seconds=1.0)
         await anyio.sleep(1.0)  # mid-run: some done, some running, some waiting
+
+        async def a_batch_just_started() -> bool:
+            now = datetime.now(UTC)
+            running = [c for c in await h.commands() if c["status"] == "picked_up"]
+            started = [datetime.fromisoformat(c["picked_up_at"]) for c in running]
+            return any((now - at).total_seconds() < 0.2 for at in started)
+
+        await until(a_batch_just_started)
+        # Polls from now on are held before the server handles them, so the kill lands
+        # mid-command (that batch runs for another 0.7 s at least) and not while a poll answer
+        # is on its way: no runner can recover commands the server handed to a poll whose
+        # answer it never read (they stay picked up until the reaper).
+        await h.api.dev_post("faults/profile", {"routes": ["poll"], "latency_ms": 600_000})
+        await anyio.sleep(0.1)  # answers already on their way are read and journalled
         first.kill()
         await finish(first)
+        await h.api.dev_post("faults/clear", {})
         second = h.start_daemon()
         await h.settle(ids)
         second.send_signal(signal.SIGTERM)
