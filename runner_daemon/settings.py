@@ -243,11 +243,8 @@ def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         if len(path) == 2 and _is_model(field.annotation):
             inner = _field(field.annotation, path[1])
-            if inner is None:
-                continue
-            values.setdefault(path[0], {})
-            if isinstance(values[path[0]], dict):
-                values[path[0]][path[1]] = _decode(name, raw, inner.annotation)
+            if inner is not None:
+                _merge(values, {path[0]: {path[1]: _decode(name, raw, inner.annotation)}})
         elif len(path) == 1:
             _merge(values, {path[0]: _decode(name, raw, field.annotation)})
     return values

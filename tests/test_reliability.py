@@ -172,39 +172,32 @@ def check(row: Row) -> None:
     assert row.completed + row.failed == row.submitted, table()
 
 
-async def test_5xx_bursts(tmp_path: Path, daemons: DaemonProcesses) -> None:
-    profile = {"error_rate": 0.3, "routes": ["heartbeat", "poll", "report"], "seed": 5}
-    row = await run_with_fault(tmp_path, daemons, "5xx bursts (30%)", profile)
-    check(row)
-    assert row.completed == COMMANDS
-
-
-async def test_connection_resets(tmp_path: Path, daemons: DaemonProcesses) -> None:
-    # Resets before the server acts, on polls and reports; resets after it acted, on reports
-    # (the result is stored, the daemon sees a reset, retries, and must take the 409 as done).
-    # A poll answer lost in transit after the server picked commands up is not included: no
-    # runner can recover it, as Opik's protocol never hands a picked-up command out again
-    # (the server times such commands out after timeout + 10 s).
-    profile = {
+# A poll answer lost in transit after the server picked commands up is not among the resets:
+# no runner can recover it, as Opik's protocol never hands a picked-up command out again (the
+# server times such commands out after timeout + 10 s). Resets before the server acts hit polls
+# and reports; resets after it acted hit reports (the result is stored, the daemon sees a reset,
+# retries, and must take the 409 as done).
+PROFILES = {
+    "5xx bursts (30%)": {"error_rate": 0.3, "routes": ["heartbeat", "poll", "report"], "seed": 5},
+    "connection resets (30%)": {
         "reset_rate": 0.15,
         "reset_after_processing_rate": 0.15,
         "reset_after_processing_routes": ["report"],
         "routes": ["poll", "report"],
         "seed": 7,
-    }
-    row = await run_with_fault(tmp_path, daemons, "connection resets (30%)", profile)
-    check(row)
-    assert row.completed == COMMANDS
-
-
-async def test_429_storm(tmp_path: Path, daemons: DaemonProcesses) -> None:
-    profile = {
+    },
+    "429 storm (50%)": {
         "rate_limit_rate": 0.5,
         "retry_after": 0.2,
         "routes": ["heartbeat", "poll", "report"],
         "seed": 9,
-    }
-    row = await run_with_fault(tmp_path, daemons, "429 storm (50%)", profile)
+    },
+}
+
+
+@pytest.mark.parametrize("fault", list(PROFILES))
+async def test_fault_profile(tmp_path: Path, daemons: DaemonProcesses, fault: str) -> None:
+    row = await run_with_fault(tmp_path, daemons, fault, PROFILES[fault])
     check(row)
     assert row.completed == COMMANDS
 

@@ -143,7 +143,7 @@ def build_app(state: DevState) -> Starlette:
             with anyio.move_on_after(config.poll_hold_seconds):
                 while (
                     not runner.removed
-                    and not state.closing
+                    and not state.closed.is_set()
                     and not (taken := state.take_pending(runner_id, asked))
                 ):
                     await runner.submitted.wait()

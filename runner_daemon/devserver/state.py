@@ -198,7 +198,6 @@ class DevState:
         self.pairings: dict[str, PairingSession] = {}
         self.injector = FaultInjector(clock)
         # Set when the server stops: held polls and waits answer at once instead of holding.
-        self.closing = False
         self.closed = anyio.Event()
 
     # --- runners ------------------------------------------------------------------------
@@ -447,7 +446,6 @@ class DevState:
 
     def begin_close(self) -> None:
         """The server is stopping: release every held poll (empty) and wait (as it is)."""
-        self.closing = True
         self.closed.set()
         for runner in self.runners.values():
             runner.submitted.notify()
