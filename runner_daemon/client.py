@@ -248,7 +248,11 @@ class RunnerApi:
         poll_timeout: float = 45.0,
         max_connections: int = 16,
     ) -> None:
-        headers = {"User-Agent": f"runner-daemon/{__version__}", "Accept": "application/json"}
+        headers = {
+            "User-Agent": f"runner-daemon/{__version__}",
+            "Accept": "application/json",
+            "Accept-Encoding": "gzip, deflate",
+        }
         if api_key:
             headers["Authorization"] = api_key
         if workspace:
@@ -262,19 +266,15 @@ class RunnerApi:
             max_keepalive_connections=max_connections,
             keepalive_expiry=30.0,
         )
-        self._http = httpx.AsyncClient(
-            base_url=base_url,
-            transport=_Transport(tls_context(base_url), limits),
-            headers=headers,
-            timeout=self._timeout,
-            follow_redirects=False,
-            trust_env=False,
-        )
-        # Requests are built here, not by AsyncClient.request: merging the base URL, headers
-        # and cookies anew each time cost 15 % of a request's CPU (1.18 → 1.0 ms measured).
-        self._base = str(self._http.base_url)
-        self._headers = httpx.Headers(self._http.headers)
-        self._json_headers = httpx.Headers({**self._headers, **_JSON_HEADERS})
+        # Requests go to the transport, not through httpx.AsyncClient: its layer (URL and
+        # header merging, a cookie jar, auth and redirect flows, none of which this API uses)
+        # was a quarter of each request's CPU. Requests are built from parts made once here.
+        self._transport = _Transport(tls_context(base_url), limits)
+        self._base = str(httpx.URL(base_url))
+        if not self._base.endswith("/"):
+            self._base += "/"
+        self._headers = httpx.Headers(headers)
+        self._json_headers = httpx.Headers({**headers, **_JSON_HEADERS})
         self._timeout_extension = {"timeout": self._timeout.as_dict()}
 
     @classmethod
@@ -303,7 +303,7 @@ class RunnerApi:
 
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            await self._http.aclose()
+            await self._transport.aclose()
 
     async def _request(
         self,
@@ -331,7 +331,12 @@ class RunnerApi:
         )
         try:
             with anyio.fail_after(deadline):
-                response = await self._http.send(request)
+                response = await self._transport.handle_async_request(request)
+                response.request = request
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
         except TimeoutError:
             raise TransportError(f"{method} {path}: no complete answer within {deadline:.0f}s") from None
         except httpx.HTTPError as exc:

@@ -133,7 +133,7 @@ async def test_pooled_connections_use_the_stream_with_a_cheap_readability_check(
     async with RunnerApi(devserver.url) as client:
         runner_id = await client.dev_create_runner("pool")
         await client.get_runner(runner_id)
-        pool = client._http._transport._pool  # type: ignore[attr-defined]
+        pool = client._transport._pool
         (connection,) = pool.connections
         stream = connection._connection._network_stream
         assert isinstance(stream, _Stream)

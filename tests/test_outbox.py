@@ -76,6 +76,40 @@ async def test_journal_is_compacted_past_its_bound(tmp_path: Path) -> None:
     await reopened.close()
 
 
+@pytest.mark.anyio
+async def test_started_lines_outlive_a_crash_also_while_the_journal_is_compacted(tmp_path: Path) -> None:
+    """``started`` is written without an fsync or a thread; a compaction must not drop it."""
+    outbox, _, _ = Outbox.open(tmp_path, max_bytes=2048)
+    compactions = 0
+    rewrite = outbox._rewrite
+
+    def counting_rewrite(data: bytes) -> None:
+        nonlocal compactions
+        compactions += 1
+        rewrite(data)
+
+    outbox._rewrite = counting_rewrite  # type: ignore[method-assign]
+
+    async def finished(i: int) -> None:
+        await outbox.started("r1", f"f{i}", "ReadFile")
+        await outbox.result(OwedResult("r1", f"f{i}", "ReadFile", BODY, 1.0))
+        await outbox.done(f"f{i}")
+
+    async def running(i: int) -> None:
+        await anyio.sleep(i * 0.0005)  # spread over the compactions the others cause
+        await outbox.started("r1", f"r{i}", "Exec")
+
+    async with anyio.create_task_group() as tasks:
+        for i in range(200):
+            tasks.start_soon(finished, i)
+            tasks.start_soon(running, i)
+    os.close(outbox._fd)  # a crash: no close(), the lock goes with the descriptor
+    assert compactions > 5
+    reopened, _, interrupted = Outbox.open(tmp_path)
+    assert sorted(entry.command_id for entry in interrupted) == sorted(f"r{i}" for i in range(200))
+    await reopened.close()
+
+
 def test_one_daemon_per_journal(tmp_path: Path) -> None:
     first, _, _ = Outbox.open(tmp_path)
     with pytest.raises(ConfigError, match="in use by another runner-daemon"):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import abc
+import functools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 import anyio.to_thread
@@ -60,6 +62,10 @@ class HandlerContext:
         """Called by long worker-thread loops so abandoned work stops burning CPU."""
         if self.stop.is_set():
             raise Abandoned
+
+    async def resolve(self, path: str, *, write: bool = False) -> Path:
+        """:meth:`Workspace.resolve` off the event loop: it stats every segment of the path."""
+        return await self.in_thread(functools.partial(self.workspace.resolve, path, write=write))
 
     async def in_thread(self, func: Callable[..., T], *args: Any) -> T:
         """Run blocking reads off the event loop; cancelling abandons the thread."""

@@ -173,7 +173,7 @@ class EditFileHandler(Handler[EditFileArgs]):
     mutating = True
 
     async def run(self, args: EditFileArgs, ctx: HandlerContext) -> dict[str, Any]:
-        real = ctx.workspace.resolve(args.path, write=True)
+        real = await ctx.resolve(args.path, write=True)
         check_edits(args.edits)
         async with ctx.services.locks.hold(real):
             old, new, fuzzy = await ctx.in_thread_to_completion(

@@ -77,15 +77,20 @@ def list_names(base: Path, pattern: str | None, depth: int, ctx: HandlerContext)
     return {"files": files, "total": total, "truncated": len(files) < total}
 
 
+def list_folder(args: ListFilesArgs, ctx: HandlerContext) -> dict[str, Any]:
+    """Resolve and list in one worker thread: one hop off the event loop, not two."""
+    base = ctx.workspace.resolve(args.path) if args.path else ctx.workspace.root
+    if not base.is_dir():
+        raise CommandFailed("file_not_found", f"Directory not found: {args.path}")
+    return list_names(base, args.pattern or None, args.depth, ctx)
+
+
 class ListFilesHandler(Handler[ListFilesArgs]):
     command_type = "ListFiles"
     args_model = ListFilesArgs
 
     async def run(self, args: ListFilesArgs, ctx: HandlerContext) -> dict[str, Any]:
-        base = ctx.workspace.resolve(args.path) if args.path else ctx.workspace.root
-        if not base.is_dir():
-            raise CommandFailed("file_not_found", f"Directory not found: {args.path}")
-        return await ctx.in_thread(list_names, base, args.pattern or None, args.depth, ctx)
+        return await ctx.in_thread(list_folder, args, ctx)
 
 
 HANDLER = ListFilesHandler()

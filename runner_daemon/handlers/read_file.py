@@ -90,13 +90,18 @@ def read_window(path: Path, path_arg: str, offset: int, limit: int, ctx: Handler
     }
 
 
+def read_file(args: ReadFileArgs, ctx: HandlerContext) -> dict[str, Any]:
+    """Resolve and read in one worker thread: one hop off the event loop, not two."""
+    path = open_text_file(ctx, args.path)
+    return read_window(path, args.path, args.offset, min(args.limit, MAX_LINES), ctx)
+
+
 class ReadFileHandler(Handler[ReadFileArgs]):
     command_type = "ReadFile"
     args_model = ReadFileArgs
 
     async def run(self, args: ReadFileArgs, ctx: HandlerContext) -> dict[str, Any]:
-        path = open_text_file(ctx, args.path)
-        return await ctx.in_thread(read_window, path, args.path, args.offset, min(args.limit, MAX_LINES), ctx)
+        return await ctx.in_thread(read_file, args, ctx)
 
 
 HANDLER = ReadFileHandler()

@@ -539,8 +539,8 @@ class SearchFilesHandler(Handler[SearchFilesArgs]):
             raise CommandFailed("match_not_found", "Invalid pattern: contains a NUL byte")
         base = ctx.workspace.root
         if args.path:
-            base = ctx.workspace.resolve(args.path)
-            if not base.is_dir():
+            base = await ctx.resolve(args.path)
+            if not await ctx.in_thread(base.is_dir):
                 raise CommandFailed("file_not_found", f"Directory not found: {args.path}")
         seconds = search_seconds()
         try:

@@ -68,7 +68,7 @@ class WriteFileHandler(Handler[WriteFileArgs]):
     mutating = True
 
     async def run(self, args: WriteFileArgs, ctx: HandlerContext) -> dict[str, Any]:
-        real = ctx.workspace.resolve(args.path, write=True)
+        real = await ctx.resolve(args.path, write=True)
         async with ctx.services.locks.hold(real):
             old = await ctx.in_thread_to_completion(write_text, ctx.workspace, real, args.path, args.content)
         result: dict[str, Any] = {"bytes_written": len(args.content.encode("utf-8")), "created": old is None}
