@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 
@@ -51,6 +52,20 @@ async def test_read_file_and_list_files_happy_path(
         "total": 6,
         "truncated": False,
     }
+
+
+async def test_what_start_up_built_is_frozen_out_of_the_collectors_sight(
+    devserver: DevServer, runner_id: str, workspace: Path
+) -> None:
+    """A full collection over start-up's objects took 10-20 ms: the latency of whichever
+    command it landed on. Frozen once the first heartbeat is answered."""
+    gc.unfreeze()
+    try:
+        assert gc.get_freeze_count() == 0
+        async with running_daemon(make_settings(devserver.url, runner_id, workspace)):
+            assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()
 
 
 async def test_unknown_type_and_invalid_args_fail_with_codes(
