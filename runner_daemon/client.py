@@ -268,7 +268,8 @@ class RunnerApi:
         )
         # Requests go to the transport, not through httpx.AsyncClient: its layer (URL and
         # header merging, a cookie jar, auth and redirect flows, none of which this API uses)
-        # was a quarter of each request's CPU. Requests are built from parts made once here.
+        # cost 13-17 % of each request's CPU (1.21 → 1.05 ms measured). Requests are built
+        # from parts made once here.
         self._transport = _Transport(tls_context(base_url), limits)
         self._base = str(httpx.URL(base_url))
         if not self._base.endswith("/"):
