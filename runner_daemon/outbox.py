@@ -167,7 +167,9 @@ class Outbox:
             # The file is being replaced: the line goes into the new one, after the swap.
             await self._append(line, durable=True)
             return
-        # One small O_APPEND write to the page cache, like a log line: done here, no thread.
+        # One small O_APPEND write to the page cache, like a log line, done here: from a
+        # thread it would need the journal's lock (the descriptor changes at a compaction)
+        # and wait there behind other commands' fsyncs.
         os.write(self._fd, line)
         self._size += len(line)
 
