@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import random
 import socket
 import ssl
 
 import anyio
+import anyio.abc
 import httpx
 import pytest
 
@@ -149,3 +152,36 @@ def test_readable_means_the_peer_closed_or_sent() -> None:
         theirs.close()
         assert _readable(ours)
     assert _readable(ours)  # closed here: fileno -1
+
+
+async def test_requests_carry_host_and_credentials_and_gzip_answers_are_decoded() -> None:
+    """The client sends straight to the transport, so what AsyncClient added is checked here."""
+    seen: list[bytes] = []
+    payload = json.dumps({"hello": "world", "n": list(range(200))}).encode()
+    body = gzip.compress(payload)
+
+    async def answer(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive()
+            seen.append(head)
+            await stream.send(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tasks:
+        tasks.start_soon(listener.serve, answer)
+        async with RunnerApi(f"http://127.0.0.1:{port}/api", api_key="k-123", workspace="ws") as api:
+            assert await api.dev_get("anything") == json.loads(payload)
+        tasks.cancel_scope.cancel()
+    request_line, *header_lines = seen[0].decode().split("\r\n")
+    headers = {k.lower(): v for k, _, v in (line.partition(": ") for line in header_lines if line)}
+    assert request_line == "GET /api/dev/anything HTTP/1.1"
+    assert headers["host"] == f"127.0.0.1:{port}"
+    assert headers["authorization"] == "k-123"
+    assert headers["comet-workspace"] == "ws"
+    assert "gzip" in headers["accept-encoding"]
