@@ -79,6 +79,18 @@ class HandlerContext:
         return await anyio.to_thread.run_sync(func, *args, abandon_on_cancel=False)
 
 
+def existing_folder(ctx: HandlerContext, path_arg: str) -> Path:
+    """Resolve ``path_arg`` to an existing folder inside the workspace (the root when empty).
+
+    Blocking (it stats the path): called from a worker thread."""
+    if not path_arg:
+        return ctx.workspace.root
+    folder = ctx.workspace.resolve(path_arg)
+    if not folder.is_dir():
+        raise CommandFailed("file_not_found", f"Directory not found: {path_arg}")
+    return folder
+
+
 class Handler(abc.ABC, Generic[A]):
     """One command type. Subclasses set the class attributes and implement :meth:`run`.
 

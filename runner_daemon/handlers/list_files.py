@@ -16,8 +16,7 @@ from typing import Any
 
 from pydantic import Field
 
-from runner_daemon.errors import CommandFailed
-from runner_daemon.handlers.base import Args, Handler, HandlerContext
+from runner_daemon.handlers.base import Args, Handler, HandlerContext, existing_folder
 from runner_daemon.workspace import SKIP_DIRS
 
 MAX_ENTRIES = 1000
@@ -79,10 +78,7 @@ def list_names(base: Path, pattern: str | None, depth: int, ctx: HandlerContext)
 
 def list_folder(args: ListFilesArgs, ctx: HandlerContext) -> dict[str, Any]:
     """Resolve and list in one worker thread: one hop off the event loop, not two."""
-    base = ctx.workspace.resolve(args.path) if args.path else ctx.workspace.root
-    if not base.is_dir():
-        raise CommandFailed("file_not_found", f"Directory not found: {args.path}")
-    return list_names(base, args.pattern or None, args.depth, ctx)
+    return list_names(existing_folder(ctx, args.path), args.pattern or None, args.depth, ctx)
 
 
 class ListFilesHandler(Handler[ListFilesArgs]):

@@ -45,7 +45,7 @@ import anyio.abc
 from pydantic import field_validator
 
 from runner_daemon.errors import CommandFailed
-from runner_daemon.handlers.base import Args, Handler, HandlerContext
+from runner_daemon.handlers.base import Args, Handler, HandlerContext, existing_folder
 from runner_daemon.handlers.exec import child_environment
 from runner_daemon.workspace import SKIP_DIRS, Workspace
 
@@ -537,11 +537,7 @@ class SearchFilesHandler(Handler[SearchFilesArgs]):
             raise CommandFailed("match_not_found", f"Pattern too long (max {MAX_PATTERN_CHARS} chars)")
         if "\x00" in args.pattern:
             raise CommandFailed("match_not_found", "Invalid pattern: contains a NUL byte")
-        base = ctx.workspace.root
-        if args.path:
-            base = await ctx.resolve(args.path)
-            if not await ctx.in_thread(base.is_dir):
-                raise CommandFailed("file_not_found", f"Directory not found: {args.path}")
+        base = await ctx.in_thread(existing_folder, ctx, args.path)
         seconds = search_seconds()
         try:
             with anyio.fail_after(seconds):
