@@ -30,7 +30,7 @@ from runner_daemon.errors import ApiError, ConfigError, describe_validation_erro
 from runner_daemon.handlers import HandlerRegistry, discover
 from runner_daemon.logs import configure_logging
 from runner_daemon.notify import Notifier
-from runner_daemon.outbox import Interrupted, Outbox, OwedResult
+from runner_daemon.outbox import Outbox, Recovered
 from runner_daemon.settings import Settings, load_settings, parse_listen
 
 PROG = "runner-daemon"
@@ -79,11 +79,11 @@ async def serve(
     registry: HandlerRegistry,
     bridge_key: bytes | None,
     outbox: Outbox,
-    owed: tuple[list[OwedResult], list[Interrupted]],
+    recovered: Recovered,
 ) -> int:
     notifier = Notifier.from_environ(os.environ)
     async with RunnerApi.from_settings(settings) as api:
-        daemon = Daemon(settings, api, registry, bridge_key, notifier, outbox, owed)
+        daemon = Daemon(settings, api, registry, outbox, bridge_key, notifier, recovered)
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch_signals, daemon)
             status = await daemon.run()
@@ -95,18 +95,22 @@ def start_daemon(settings: Settings, registry: HandlerRegistry) -> int:
     """Resolve credentials, set up logging, run until stopped; the ``run`` command's body."""
     try:
         settings, bridge_key = credentials.resolve(settings)
-        outbox, owed, interrupted = Outbox.open(settings.state_directory)
     except ConfigError as exc:
         return _fail_config(exc)
     secrets = (*settings.secret_values(), *([encode_bridge_key(bridge_key)] if bridge_key else []))
+    # Before anything else may log (the outbox warns about a damaged journal): one pipeline.
     configure_logging(settings.log_level, settings.log_format, secrets)
+    try:
+        outbox, recovered = Outbox.open(settings.state_directory)
+    except ConfigError as exc:
+        return _fail_config(exc)
     if bridge_key is None:
         structlog.get_logger("runner_daemon").warning(
             "accepting unsigned commands (allow_unsigned_commands = true): anyone with the API key "
             "can run commands here"
         )
     try:
-        return anyio.run(serve, settings, registry, bridge_key, outbox, (owed, interrupted))
+        return anyio.run(serve, settings, registry, bridge_key, outbox, recovered)
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     except Exception:

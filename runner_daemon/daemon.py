@@ -22,7 +22,7 @@ from runner_daemon.handlers import HandlerRegistry
 from runner_daemon.loop import BridgeLoop, LoopStats
 from runner_daemon.models import BRIDGE_CAPABILITY
 from runner_daemon.notify import Notifier
-from runner_daemon.outbox import Interrupted, Outbox, OwedResult
+from runner_daemon.outbox import Outbox, Recovered
 from runner_daemon.settings import Settings
 
 log = structlog.get_logger("runner_daemon.daemon")
@@ -53,10 +53,10 @@ class Daemon:
         settings: Settings,
         api: RunnerApi,
         registry: HandlerRegistry,
+        outbox: Outbox,
         bridge_key: bytes | None = None,
         notifier: Notifier | None = None,
-        outbox: Outbox | None = None,
-        owed: tuple[list[OwedResult], list[Interrupted]] = ([], []),
+        recovered: Recovered | None = None,
     ) -> None:
         if settings.runner_id is None:
             raise ValueError("the daemon needs a runner_id")
@@ -71,10 +71,10 @@ class Daemon:
             self.stats,
             on_fatal=self._fatal,
             on_contact=self._contact,
-            bridge_key=bridge_key,
             outbox=outbox,
+            bridge_key=bridge_key,
         )
-        self._owed = owed
+        self._recovered = recovered or Recovered([], [])
         self.state: State = "starting"
         self.running = anyio.Event()  # set once the first heartbeat was answered
         self.last_contact: float | None = None
@@ -121,15 +121,22 @@ class Daemon:
     # --- the life cycle -----------------------------------------------------------------
 
     async def run(self) -> ExitStatus | int:
-        with anyio.CancelScope() as self._root:
-            async with anyio.create_task_group() as outer:
-                # The health listener answers from the start: "starting" is a state worth probing.
-                if self._settings.health.listen and not await self._start_health(outer):
-                    return ExitStatus.FAILURE
-                if await self._startup():
-                    await self._main()
-                    await self._shutdown()
-                outer.cancel_scope.cancel()
+        try:
+            with anyio.CancelScope() as self._root:
+                async with anyio.create_task_group() as outer:
+                    # The health listener answers from the start: "starting" is worth probing.
+                    if self._settings.health.listen and not await self._start_health(outer):
+                        return ExitStatus.FAILURE
+                    if await self._startup():
+                        await self._main()
+                        await self._shutdown()
+                    outer.cancel_scope.cancel()
+        finally:
+            # Background processes die with the daemon, even on a forced exit; what the
+            # outbox buffered is written, however the daemon ends.
+            with anyio.CancelScope(shield=True):
+                await self.loop.services.aclose()
+                await self.loop.outbox.close()
         self.state = "stopped"
         return self._exit_status()
 
@@ -173,36 +180,29 @@ class Daemon:
         return False
 
     async def _main(self) -> None:
-        try:
-            async with anyio.create_task_group() as services:
-                services.start_soon(self._heartbeat_loop)
-                services.start_soon(self._supervise)
-                async with anyio.create_task_group() as work:
-                    self.state = "running"
-                    self.running.set()
-                    log.info(
-                        "runner connected; waiting for bridge commands",
-                        runner_id=self._runner_id,
-                        url=self._settings.url,
-                        workspace_root=str(self._settings.workspace_root),
-                        max_concurrency=self._settings.max_concurrency,
-                    )
-                    await self.loop.recover(*self._owed, work)
-                    await self.loop.run(work)
-                    self.state = "draining"
-                    # Heartbeats go on while draining: the server must still see us alive.
-                    # One grace period from the stop request, the open poll's wait included.
-                    grace = self._settings.shutdown_grace_seconds
-                    if self._drain_deadline is not None:
-                        grace = max(0.0, self._drain_deadline - anyio.current_time())
-                    await self.loop.drain(grace, work)
-                services.cancel_scope.cancel()
-        finally:
-            # Background processes die with the daemon, even on a forced exit.
-            with anyio.CancelScope(shield=True):
-                await self.loop.services.aclose()
-                if self.loop.outbox is not None:
-                    await self.loop.outbox.close()
+        async with anyio.create_task_group() as services:
+            services.start_soon(self._heartbeat_loop)
+            services.start_soon(self._supervise)
+            async with anyio.create_task_group() as work:
+                self.state = "running"
+                self.running.set()
+                log.info(
+                    "runner connected; waiting for bridge commands",
+                    runner_id=self._runner_id,
+                    url=self._settings.url,
+                    workspace_root=str(self._settings.workspace_root),
+                    max_concurrency=self._settings.max_concurrency,
+                )
+                await self.loop.recover(self._recovered, work)
+                await self.loop.run(work)
+                self.state = "draining"
+                # Heartbeats go on while draining: the server must still see us alive.
+                # One grace period from the stop request, the open poll's wait included.
+                grace = self._settings.shutdown_grace_seconds
+                if self._drain_deadline is not None:
+                    grace = max(0.0, self._drain_deadline - anyio.current_time())
+                await self.loop.drain(grace, work)
+            services.cancel_scope.cancel()
 
     async def _shutdown(self) -> None:
         if not self._settings.disconnect_on_exit or self.fatal_error is not None:

@@ -22,6 +22,7 @@ from runner_daemon.devserver.server import DevServer, DevServerConfig
 from runner_daemon.handlers import discover
 from runner_daemon.logs import configure_logging
 from runner_daemon.models import CommandRecord
+from runner_daemon.outbox import Outbox
 from runner_daemon.settings import LogFormat, load_settings
 
 # (type, args, expected status, expected error code), run one after the other.
@@ -68,7 +69,7 @@ def _summary(record: CommandRecord) -> str:
     return text if len(text) <= 110 else text[:107] + "..."
 
 
-async def _demo(server: DevServer, workspace: Path, log_format: LogFormat) -> int:
+async def _demo(server: DevServer, workspace: Path, state: Path, log_format: LogFormat) -> int:
     async with RunnerApi(server.url) as api:
         # The dev server signs this runner's commands with the key, as Opik's UI does.
         bridge_key = secrets.token_bytes(32)
@@ -80,11 +81,13 @@ async def _demo(server: DevServer, workspace: Path, log_format: LogFormat) -> in
                 "runner_id": runner_id,
                 "workspace_root": workspace,
                 "log_format": log_format,
+                "state_directory": state,
                 "shutdown_grace_seconds": 5,
             },
         )
         configure_logging(settings.log_level, settings.log_format, settings.secret_values())
-        daemon = Daemon(settings, api, discover(), bridge_key)
+        outbox, recovered = Outbox.open(settings.state_directory)
+        daemon = Daemon(settings, api, discover(), outbox, bridge_key, recovered=recovered)
         failures = 0
         async with anyio.create_task_group() as tg:
             tg.start_soon(daemon.run)
@@ -114,8 +117,9 @@ async def _demo(server: DevServer, workspace: Path, log_format: LogFormat) -> in
 
 def run_demo(log_format: LogFormat = "auto") -> int:
     with tempfile.TemporaryDirectory(prefix="runner-daemon-demo-") as tmp:
-        workspace = Path(tmp)
+        workspace, state = Path(tmp) / "workspace", Path(tmp) / "state"
+        workspace.mkdir()
         _make_workspace(workspace)
         with DevServer(config=DevServerConfig(poll_hold_seconds=1)) as server:
             print(f"dev server on {server.url}; workspace {workspace}", file=sys.stderr, flush=True)
-            return anyio.run(_demo, server, workspace, log_format)
+            return anyio.run(_demo, server, workspace, state, log_format)

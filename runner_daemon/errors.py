@@ -6,6 +6,7 @@ so the loop speaks only in these names and never inspects a status code itself::
 
     RunnerDaemonError
     ├── ConfigError              bad settings; the CLI exits 78 (EX_CONFIG)
+    ├── JournalUnavailable       the outbox journal cannot be written (a full or failing disk)
     ├── CommandFailed            a handler's refusal, reported as {"code", "message"}
     └── ApiError                 the server answered, or could not be reached
         ├── RunnerGone           404: the runner was disconnected (or never existed)
@@ -32,6 +33,10 @@ class RunnerDaemonError(Exception):
 
 class ConfigError(RunnerDaemonError):
     """The settings are invalid; ``str()`` is one line naming the key and the problem."""
+
+
+class JournalUnavailable(RunnerDaemonError):
+    """The outbox journal cannot be written now; no new command may start until it can."""
 
 
 class CommandFailed(RunnerDaemonError):

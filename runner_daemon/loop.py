@@ -25,8 +25,8 @@ from runner_daemon.errors import (
     AlreadyReported,
     ApiError,
     CommandFailed,
+    JournalUnavailable,
     RateLimited,
-    RetryableError,
     RunnerGone,
     Unauthorized,
     describe_validation_error,
@@ -34,7 +34,7 @@ from runner_daemon.errors import (
 from runner_daemon.handlers import HandlerRegistry
 from runner_daemon.handlers.base import HandlerContext, HandlerServices
 from runner_daemon.models import BridgeCommand
-from runner_daemon.outbox import Interrupted, Outbox, OwedResult
+from runner_daemon.outbox import Outbox, OwedResult, Recovered, signature_digest
 from runner_daemon.outcome import (
     MalformedCommand,
     Outcome,
@@ -109,10 +109,16 @@ class Executor:
         settings: Settings,
         services: HandlerServices,
         bridge_key: bytes | None = None,
+        *,
+        signatures: Outbox | None = None,
     ) -> None:
+        """``signatures``: where accepted signatures are remembered (``reject_replayed_signatures``)."""
+        if settings.reject_replayed_signatures and bridge_key is not None and signatures is None:
+            raise ValueError("reject_replayed_signatures needs the outbox to remember signatures")
         self._registry = registry
         self._settings = settings
         self._services = services
+        self._signatures = signatures
         self._bridge_key = bridge_key
         self._workspace = Workspace(settings.workspace_root, settings.deny_paths, settings.deny_write_paths)
 
@@ -121,6 +127,10 @@ class Executor:
         if self._bridge_key is not None and not verify_command(self._bridge_key, command.type, command.args):
             log.warning("rejected a command whose signature does not verify", command_id=command.command_id)
             return Outcome.failed("auth_failed", "Invalid command HMAC")
+        if self._signatures is not None and self._bridge_key is not None:
+            refused = await self._claim_signature(self._signatures, command)
+            if refused is not None:
+                return refused
         raw_args = {key: value for key, value in command.args.items() if key != HMAC_FIELD}
         handler = self._registry.get(command.type)
         if handler is None:
@@ -151,6 +161,23 @@ class Executor:
             return Outcome.failed("timeout", f"Command timed out after {limit:g}s", _elapsed_ms(start))
         return Outcome.completed(result, _elapsed_ms(start))
 
+    @staticmethod
+    async def _claim_signature(signatures: Outbox, command: BridgeCommand) -> Outcome | None:
+        """Refuse a signature accepted before: a verbatim replay by whoever holds the API key."""
+        digest = signature_digest(str(command.args.get(HMAC_FIELD)))
+        try:
+            fresh = await signatures.claim_signature(digest)
+        except JournalUnavailable as exc:
+            return Outcome.failed("internal", f"Not run: {exc}")
+        if fresh:
+            return None
+        log.warning("refused a replayed command signature", command_id=command.command_id, type=command.type)
+        return Outcome.failed(
+            "auth_failed",
+            "Replayed command: this runner already accepted a command with this signature "
+            "(reject_replayed_signatures = true)",
+        )
+
 
 class Reporter:
     """Delivers one result: retries 5xx, network errors and 429 until accepted or too old."""
@@ -161,9 +188,9 @@ class Reporter:
         settings: Settings,
         stats: LoopStats,
         on_fatal: Callable[[ApiError], None],
+        outbox: Outbox,
         bridge_key: bytes | None = None,
         known_types: frozenset[str] = frozenset(),
-        outbox: Outbox | None = None,
     ) -> None:
         self._outbox = outbox
         self._api = api
@@ -179,17 +206,20 @@ class Reporter:
         entry = OwedResult(
             self._runner_id, command_id, command_type, encode_report(outcome, self._bridge_key), time.time()
         )
-        if self._outbox is not None:
-            await self._outbox.result(entry)
+        await self._outbox.result(entry)
         return await self.deliver(entry, outcome)
 
     async def deliver(
         self, entry: OwedResult, outcome: Outcome | None = None, *, recovered: bool = False
     ) -> bool:
-        """Send until accepted or older than ``result_ttl_seconds``; 5xx, network and 429 retry.
+        """Send until accepted or older than ``result_ttl_seconds``; True once the server holds it.
 
-        A ``recovered`` result (owed by a previous run) that meets a 404 is dropped with a
-        warning: its command, or that old runner, is gone; the live runner may be fine.
+        The result leaves the outbox only on a 2xx, a 409, a 404 or its time to live: a
+        ``recovered`` result (owed by a previous run) that meets a 404 is dropped with a
+        warning (its command, or that old runner, is gone; the live runner may be fine); a
+        live one ends the daemon (the runner was disconnected). A 401/403 ends the daemon
+        too, but the result stays owed and is sent again on the next start. Anything else
+        (5xx, network, 429, other 4xx, an unreadable answer) is retried with backoff.
         """
         outcome = outcome or outcome_of(entry.body)
         bound = log.bind(command_id=entry.command_id, type=entry.command_type, status=outcome.status)
@@ -199,13 +229,17 @@ class Reporter:
             bound = bound.bind(error_code=outcome.error.code)
         if recovered:
             bound = bound.bind(recovered=True)
-        delivered = await self._send(entry, bound, recovered)
+        try:
+            delivered = await self._send(entry, bound, recovered)
+        except Unauthorized as exc:
+            bound.error("result kept in the outbox: the server refused our credentials", error=str(exc))
+            self._on_fatal(exc)
+            return False
         if delivered:
             self._stats.record(self._metric_type(entry.command_type), outcome)
         else:
             self._stats.dropped += 1
-        if self._outbox is not None:
-            await self._outbox.done(entry.command_id)
+        await self._outbox.done(entry.command_id)
         return delivered
 
     async def _send(self, entry: OwedResult, bound: Any, recovered: bool) -> bool:
@@ -228,15 +262,14 @@ class Reporter:
                     self._on_fatal(exc)
                     bound.warning("result not delivered: the runner was disconnected")
                     return False
-                except RetryableError as exc:
-                    delay = backoff.next_delay()
-                    self._note_retry(bound, exc, delay, backoff.attempts)
+                except Unauthorized:
+                    raise
                 except RateLimited as exc:
                     delay = exc.retry_after
                     self._note_retry(bound, exc, delay, backoff.attempts)
                 except ApiError as exc:
-                    bound.error("server refused the result; dropped", error=str(exc))
-                    return False
+                    delay = backoff.next_delay()
+                    self._note_retry(bound, exc, delay, backoff.attempts)
                 else:
                     bound.info("command finished")
                     return True
@@ -265,9 +298,9 @@ class BridgeLoop:
         stats: LoopStats,
         on_fatal: Callable[[ApiError], None],
         on_contact: Callable[[], None],
+        outbox: Outbox,
         services: HandlerServices | None = None,
         bridge_key: bytes | None = None,
-        outbox: Outbox | None = None,
     ) -> None:
         self._settings = settings
         self.outbox = outbox
@@ -278,8 +311,14 @@ class BridgeLoop:
         self._on_fatal = on_fatal
         self._on_contact = on_contact
         self.services = services or HandlerServices()
-        self.executor = Executor(registry, settings, self.services, bridge_key)
-        self.reporter = Reporter(api, settings, stats, on_fatal, bridge_key, frozenset(registry), outbox)
+        self.executor = Executor(
+            registry,
+            settings,
+            self.services,
+            bridge_key,
+            signatures=outbox if settings.reject_replayed_signatures else None,
+        )
+        self.reporter = Reporter(api, settings, stats, on_fatal, outbox, bridge_key, frozenset(registry))
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
         # Commands claimed from the server and not yet reported, with their cancel scopes.
         self._claimed: dict[str, anyio.CancelScope] = {}
@@ -324,6 +363,7 @@ class BridgeLoop:
         while not self.stopping:
             self.last_tick = time.monotonic()
             await self._wait_for_free_slot()
+            await self._wait_for_journal()
             await self._gather_slots()
             self.last_tick = time.monotonic()
             items: list[Any] = []
@@ -368,6 +408,9 @@ class BridgeLoop:
                 continue
             scope = anyio.CancelScope()
             self._claimed[parsed.command_id] = scope
+            if self.outbox.known(parsed.command_id):
+                work.start_soon(self._answer_again, parsed)
+                continue
             # Decided now: a command claimed before the stop still gets the grace period.
             work.start_soon(self._run_command, parsed, scope, self.stopping)
 
@@ -376,11 +419,40 @@ class BridgeLoop:
     ) -> None:
         start = time.monotonic()
         try:
-            if self.outbox is not None:
-                # Durable before the handler runs: after a crash, "interrupted", never re-run.
+            try:
+                # Recorded before the handler runs: after a crash, "interrupted", never re-run.
                 await self.outbox.started(self._runner_id, command.command_id, command.type)
-            outcome = await self._execute_in_slot(command, scope, start, late)
+            except JournalUnavailable as exc:
+                outcome = Outcome.failed("internal", f"Not run: {exc}")
+            else:
+                outcome = await self._execute_in_slot(command, scope, start, late)
             await self.reporter.report(command.command_id, command.type, outcome)
+        finally:
+            del self._claimed[command.command_id]
+            self._notify()
+
+    async def _answer_again(self, command: BridgeCommand | MalformedCommand) -> None:
+        """A command this runner claimed before, delivered again: answered, never re-run.
+
+        At-least-once delivery, a proxy retrying a lost poll answer, or a hostile server: the
+        result already delivered is sent again while it is kept, else ``interrupted``.
+        """
+        log.warning(
+            "the server delivered a command this runner already ran; not running it again",
+            command_id=command.command_id,
+            type=command.type,
+        )
+        try:
+            body = self.outbox.delivered_body(command.command_id)
+            if body is not None:
+                await self.reporter.deliver(
+                    OwedResult(self._runner_id, command.command_id, command.type, body, time.time())
+                )
+            else:
+                outcome = Outcome.failed(
+                    "interrupted", "This runner already ran this command; it is not run a second time"
+                )
+                await self.reporter.report(command.command_id, command.type, outcome)
         finally:
             del self._claimed[command.command_id]
             self._notify()
@@ -408,14 +480,14 @@ class BridgeLoop:
             )
         return outcome
 
-    async def recover(self, owed: list[OwedResult], interrupted: list[Interrupted], work: TaskGroup) -> None:
+    async def recover(self, recovered: Recovered, work: TaskGroup) -> None:
         """Deliver what a previous run still owed, in slots, before the first poll.
 
         Commands that were running when it stopped cannot be re-run blindly (they may have
         had side effects): each is reported ``interrupted``.
         """
-        entries = list(owed)
-        for lost in interrupted:
+        entries = list(recovered.owed)
+        for lost in recovered.interrupted:
             outcome = Outcome.failed("interrupted", "The daemon restarted while the command ran")
             entry = OwedResult(
                 lost.runner_id,
@@ -424,8 +496,7 @@ class BridgeLoop:
                 encode_report(outcome, self._bridge_key),
                 time.time(),
             )
-            if self.outbox is not None:
-                await self.outbox.result(entry)
+            await self.outbox.result(entry)
             entries.append(entry)
         if entries:
             log.info("delivering results owed from before the restart", results=len(entries))
@@ -470,6 +541,18 @@ class BridgeLoop:
         with anyio.move_on_after(POLL_GATHER_SECONDS):
             while self._claimed and self._free_slots() < wanted and not self.stopping:
                 await self._changed.wait()
+
+    async def _wait_for_journal(self) -> None:
+        """Back-pressure: while the outbox cannot be written, take no command (deliveries go on)."""
+        if self.outbox.failure is None:
+            return
+        log.info("polling paused until the outbox journal can be written")
+        backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
+        with anyio.CancelScope() as self._backoff_scope:  # a stop ends it at once
+            while not self.stopping and not await self.outbox.retry():
+                self.last_tick = time.monotonic()
+                await anyio.sleep(backoff.next_delay())
+        self._backoff_scope = None
 
     async def wait_idle(self) -> None:
         while self._claimed:

@@ -152,6 +152,9 @@ class Settings(BaseModel):
     )
     bridge_key_file: Path | None = Field(None, description="A file holding the base64 bridge key.")
     allow_unsigned_commands: bool = False
+    reject_replayed_signatures: bool = Field(
+        False, description="Refuse a command whose signature this runner accepted before (a replay)."
+    )
     read_only: bool = Field(False, description="Refuse every mutating type (WriteFile, EditFile, Exec).")
     deny_paths: tuple[str, ...] = DEFAULT_DENY_PATHS
     deny_write_paths: tuple[str, ...] = DEFAULT_DENY_WRITE_PATHS

@@ -20,6 +20,7 @@ from runner_daemon.daemon import Daemon
 from runner_daemon.handlers import HandlerRegistry, discover
 from runner_daemon.handlers.base import Args, Handler, HandlerContext, HandlerServices
 from runner_daemon.loop import Executor
+from runner_daemon.outbox import Outbox
 from runner_daemon.settings import Settings, load_settings
 
 # Short timings so failures and retries take milliseconds, not seconds.
@@ -114,6 +115,12 @@ def executor_for(root: Path, registry: HandlerRegistry | None = None, **settings
     return Executor(registry or discover(), loaded, HandlerServices())
 
 
+def open_outbox(settings: Settings) -> Outbox:
+    """The outbox in the settings' state directory (the daemon given it closes it)."""
+    outbox, _ = Outbox.open(settings.state_directory)
+    return outbox
+
+
 def make_settings(url: str, runner_id: str, workspace: Path, **overrides: Any) -> Settings:
     return load_settings(
         None, {"url": url, "runner_id": runner_id, "workspace_root": workspace, **FAST, **overrides}
@@ -132,7 +139,7 @@ async def running_daemon(
 ) -> AsyncIterator[Running]:
     """Run a daemon in this event loop; on exit, stop it gracefully and record its status."""
     async with RunnerApi.from_settings(settings) as api:
-        daemon = Daemon(settings, api, registry or registry_for_tests(), bridge_key)
+        daemon = Daemon(settings, api, registry or registry_for_tests(), open_outbox(settings), bridge_key)
         running = Running(daemon)
 
         async def run() -> None:

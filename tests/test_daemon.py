@@ -20,6 +20,7 @@ from tests.support import (
     ProbeHandler,
     command_status_is,
     make_settings,
+    open_outbox,
     registry_for_tests,
     running_daemon,
     until,
@@ -185,7 +186,7 @@ async def test_unknown_runner_at_start_exits_disconnected(devserver: DevServer, 
     settings = make_settings(devserver.url, "7f1c2a52-0d6a-4a4e-9d0b-5a4a4f6d8e11", workspace)
     async with RunnerApi.from_settings(settings) as client:
         with anyio.fail_after(10):
-            status = await Daemon(settings, client, registry_for_tests()).run()
+            status = await Daemon(settings, client, registry_for_tests(), open_outbox(settings)).run()
     assert status == ExitStatus.DISCONNECTED
 
 
@@ -222,7 +223,15 @@ async def test_grace_expiry_cancels_and_reports_cancelled(
 
 def _bare_loop(settings: Settings, api: RunnerApi) -> BridgeLoop:
     """The loop's phases without a daemon around them."""
-    return BridgeLoop(settings, api, registry_for_tests(), LoopStats(), lambda exc: None, lambda: None)
+    return BridgeLoop(
+        settings,
+        api,
+        registry_for_tests(),
+        LoopStats(),
+        lambda exc: None,
+        lambda: None,
+        open_outbox(settings),
+    )
 
 
 async def test_commands_returned_while_stopping_get_a_final_report(
@@ -247,13 +256,9 @@ async def test_malformed_poll_items_are_answered_or_logged(
 ) -> None:
     await api.heartbeat(runner_id, ["bridge"])
     stats = LoopStats()
+    settings = make_settings(devserver.url, runner_id, workspace)
     loop = BridgeLoop(
-        make_settings(devserver.url, runner_id, workspace),
-        api,
-        registry_for_tests(),
-        stats,
-        lambda exc: None,
-        lambda: None,
+        settings, api, registry_for_tests(), stats, lambda exc: None, lambda: None, open_outbox(settings)
     )
     command_id = await api.submit_command(runner_id, "ReadFile", {"path": "README.md"})
     assert len(await loop.poll(5)) == 1

@@ -26,6 +26,7 @@ from tests.support import (
     environ_without_settings,
     finish,
     make_settings,
+    open_outbox,
     registry_for_tests,
     running_daemon,
     until,
@@ -123,7 +124,9 @@ async def test_ready_after_first_contact_then_watchdog_pings_and_silence_when_we
     async with RunnerApi.from_settings(settings) as client:
         from runner_daemon.daemon import Daemon
 
-        daemon = Daemon(settings, client, registry_for_tests(WedgeHandler()), notifier=notifier)
+        daemon = Daemon(
+            settings, client, registry_for_tests(WedgeHandler()), open_outbox(settings), notifier=notifier
+        )
         async with anyio.create_task_group() as tg:
             tg.start_soon(daemon.run)
             await until(lambda: daemon.state == "running")
@@ -181,7 +184,7 @@ async def test_health_endpoints_through_the_daemons_life(
     async with RunnerApi.from_settings(settings) as client:
         from runner_daemon.daemon import Daemon
 
-        daemon = Daemon(settings, client, registry_for_tests())
+        daemon = Daemon(settings, client, registry_for_tests(), open_outbox(settings))
         status: list[int] = []
         async with anyio.create_task_group() as tg:
 

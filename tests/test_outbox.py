@@ -5,20 +5,23 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
+from runner_daemon import outbox as outbox_module
 from runner_daemon.client import RunnerApi
 from runner_daemon.devserver.server import DevServer
 from runner_daemon.errors import ConfigError
-from runner_daemon.outbox import JOURNAL_FILE, Interrupted, Outbox, OwedResult
+from runner_daemon.outbox import JOURNAL_FILE, Interrupted, Outbox, OwedResult, Recovered
 from tests.support import (
     DaemonProcesses,
-    command_status_is,
     daemon_environment,
     finish,
     make_settings,
@@ -32,8 +35,8 @@ BODY = b'{"status":"completed","result":{"ok":true},"duration_ms":3}'
 
 @pytest.mark.anyio
 async def test_journal_round_trip_and_recovery(tmp_path: Path) -> None:
-    outbox, owed, interrupted = Outbox.open(tmp_path)
-    assert (owed, interrupted) == ([], [])
+    outbox, recovered = Outbox.open(tmp_path)
+    assert recovered == Recovered([], [])
     await outbox.started("r1", "c-done", "ReadFile")
     await outbox.result(OwedResult("r1", "c-done", "ReadFile", BODY, 1.0))
     await outbox.done("c-done")
@@ -41,77 +44,182 @@ async def test_journal_round_trip_and_recovery(tmp_path: Path) -> None:
     await outbox.result(OwedResult("r1", "c-owed", "ReadFile", BODY, 2.0))
     await outbox.started("r1", "c-running", "Exec")
     await outbox.close()
-    outbox, owed, interrupted = Outbox.open(tmp_path)
-    assert owed == [OwedResult("r1", "c-owed", "ReadFile", BODY, 2.0)]
-    assert interrupted == [Interrupted("r1", "c-running", "Exec")]
+    outbox, recovered = Outbox.open(tmp_path)
+    assert recovered.owed == [OwedResult("r1", "c-owed", "ReadFile", BODY, 2.0)]
+    assert recovered.interrupted == [Interrupted("r1", "c-running", "Exec")]
+    # Every id claimed before is known after the restart, the finished one included.
+    assert all(outbox.known(key) for key in ("c-done", "c-owed", "c-running"))
+    assert not outbox.known("c-new")
     lines = (tmp_path / JOURNAL_FILE).read_text().splitlines()
-    assert len(lines) == 2  # rewritten with only what is still owed
+    assert len(lines) == 3  # rewritten with what is live: one done, one started, one result
     await outbox.close()
 
 
 @pytest.mark.anyio
 async def test_torn_and_corrupt_lines_are_tolerated(tmp_path: Path) -> None:
-    outbox, _, _ = Outbox.open(tmp_path)
+    outbox, _ = Outbox.open(tmp_path)
     await outbox.result(OwedResult("r1", "c1", "ReadFile", BODY, 1.0))
     await outbox.close()
     with open(tmp_path / JOURNAL_FILE, "ab") as stream:
         stream.write(b'garbage\n{"op": "result", "id": "c2", "runner"')  # a crash mid-write
-    outbox, owed, _ = Outbox.open(tmp_path)
-    assert [entry.command_id for entry in owed] == ["c1"]
+    outbox, recovered = Outbox.open(tmp_path)
+    assert [entry.command_id for entry in recovered.owed] == ["c1"]
     await outbox.close()
 
 
+# Lines that are JSON, some even objects, yet no valid journal entry: each must be skipped,
+# never written back, never able to stop a start.
+INVALID_ENTRIES = [
+    b"\xff\xfe\x00garbage bytes",
+    b"[1, 2]",
+    b'"a string"',
+    b"null",
+    b'{"op": "result"}',
+    b'{"op": "teleport", "id": "x"}',
+    b'{"op": "started", "id": {"nested": 1}, "runner": "r1", "type": "ReadFile"}',
+    b'{"op": "started", "id": "", "runner": "r1", "type": "ReadFile"}',
+    b'{"op": "result", "id": "bad-body", "runner": "r1", "type": "ReadFile", "at": 1, "body": "not json"}',
+    b'{"op": "result", "id": "bad-status", "runner": "r1", "type": "T", "at": 1, '
+    b'"body": "{\\"status\\":\\"odd\\"}"}',
+    b'{"op": "result", "id": "bad-at", "runner": "r1", "type": "ReadFile", "at": "soon", "body": "{}"}',
+    b'{"op": "result", "id": "inf-at", "runner": "r1", "type": "ReadFile", "at": 1e999, "body": "{}"}',
+    b'{"op": "result", "id": "bool-at", "runner": "r1", "type": "ReadFile", "at": true, "body": "{}"}',
+    b'{"op": "sig", "sig": 5, "at": 1}',
+]
+
+
 @pytest.mark.anyio
-async def test_journal_is_compacted_past_its_bound(tmp_path: Path) -> None:
-    outbox, _, _ = Outbox.open(tmp_path, max_bytes=4096)
-    for i in range(200):
+@pytest.mark.adversarial
+async def test_a_damaged_journal_starts_skips_what_it_cannot_use_and_heals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    outbox, _ = Outbox.open(tmp_path)
+    await outbox.result(OwedResult("r1", "good", "ReadFile", BODY, 1.0))
+    await outbox.close()
+    with open(tmp_path / JOURNAL_FILE, "ab") as stream:
+        stream.write(b"\n".join(INVALID_ENTRIES) + b"\n")
+    for _ in range(2):  # the second start finds nothing left to skip: nothing was written back
+        outbox, recovered = Outbox.open(tmp_path)
+        assert [entry.command_id for entry in recovered.owed] == ["good"]
+        assert recovered.interrupted == []
+        await outbox.close()
+    assert b"bad-body" not in (tmp_path / JOURNAL_FILE).read_bytes()
+
+
+@pytest.mark.anyio
+async def test_journal_is_compacted_past_its_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(outbox_module, "MAX_REMEMBERED", 100)
+    outbox, _ = Outbox.open(tmp_path, max_bytes=64 * 1024)
+    for i in range(2000):
         await outbox.started("r1", f"c{i}", "ReadFile")
         await outbox.result(OwedResult("r1", f"c{i}", "ReadFile", BODY, 1.0))
         await outbox.done(f"c{i}")
     await outbox.result(OwedResult("r1", "last", "ReadFile", BODY, 1.0))
     await outbox.close()
-    assert (tmp_path / JOURNAL_FILE).stat().st_size < 4096 + 1024
-    reopened, owed, _ = Outbox.open(tmp_path)
-    assert [entry.command_id for entry in owed] == ["last"]
+    # Only what is live is kept: the last done ids (to refuse a redelivery) and the one result.
+    assert (tmp_path / JOURNAL_FILE).stat().st_size < 64 * 1024 + 8 * 1024
+    reopened, recovered = Outbox.open(tmp_path)
+    assert [entry.command_id for entry in recovered.owed] == ["last"]
+    assert reopened.known("c1999") and not reopened.known("c0")
     await reopened.close()
 
 
 @pytest.mark.anyio
 async def test_started_lines_outlive_a_crash_also_while_the_journal_is_compacted(tmp_path: Path) -> None:
-    """``started`` is written without an fsync or a thread; a compaction must not drop it."""
-    outbox, _, _ = Outbox.open(tmp_path, max_bytes=2048)
-    compactions = 0
+    """``started`` is written without an fsync or a thread; a compaction must not drop it.
+
+    Each compaction is held open (its rewrite waits on a gate) while commands start, so every
+    round has lines written during the swap, whatever this machine's fsync batching does.
+    """
+    outbox, _ = Outbox.open(tmp_path)
+    entered, gate = threading.Event(), threading.Event()
     rewrite = outbox._rewrite
 
-    def counting_rewrite(data: bytes) -> None:
-        nonlocal compactions
-        compactions += 1
+    def gated_rewrite(data: bytes) -> None:
+        entered.set()
+        assert gate.wait(30)
         rewrite(data)
 
-    outbox._rewrite = counting_rewrite  # type: ignore[method-assign]
+    outbox._rewrite = gated_rewrite  # type: ignore[method-assign]
+    expected: list[str] = []
 
-    async def finished(i: int) -> None:
-        await outbox.started("r1", f"f{i}", "ReadFile")
-        await outbox.result(OwedResult("r1", f"f{i}", "ReadFile", BODY, 1.0))
-        await outbox.done(f"f{i}")
+    async def running(name: str) -> None:
+        await outbox.started("r1", name, "Exec")
 
-    async def running(i: int) -> None:
-        await anyio.sleep(i * 0.0005)  # spread over the compactions the others cause
-        await outbox.started("r1", f"r{i}", "Exec")
+    async def finished(name: str) -> None:
+        await outbox.started("r1", name, "ReadFile")
+        await outbox.result(OwedResult("r1", name, "ReadFile", BODY, 1.0))
+        await outbox.done(name)
 
-    async with anyio.create_task_group() as tasks:
-        for i in range(200):
-            tasks.start_soon(finished, i)
-            tasks.start_soon(running, i)
+    for round_ in range(8):
+        entered.clear()
+        gate.clear()
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(outbox.compact)
+            assert await anyio.to_thread.run_sync(entered.wait, 30)
+            for i in range(25):  # all of them start while the compaction is in its rewrite
+                expected.append(f"r{round_}-{i}")
+                tasks.start_soon(running, f"r{round_}-{i}")
+                tasks.start_soon(finished, f"f{round_}-{i}")
+            await anyio.wait_all_tasks_blocked()
+            gate.set()
     os.close(outbox._fd)  # a crash: no close(), the lock goes with the descriptor
-    assert compactions > 5
-    reopened, _, interrupted = Outbox.open(tmp_path)
-    assert sorted(entry.command_id for entry in interrupted) == sorted(f"r{i}" for i in range(200))
+    reopened, recovered = Outbox.open(tmp_path)
+    assert sorted(entry.command_id for entry in recovered.interrupted) == sorted(expected)
+    await reopened.close()
+
+
+@pytest.mark.anyio
+async def test_compaction_and_journal_files_are_private(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        modes: list[int] = []
+        outbox, _ = Outbox.open(tmp_path)
+        rewrite = outbox._rewrite
+
+        def watching_rewrite(data: bytes) -> None:
+            real_open = os.open
+
+            def spy(path: Any, flags: int, mode: int = 0o777, **kwargs: Any) -> int:
+                fd = real_open(path, flags, mode, **kwargs)
+                if stat.S_ISREG(info := os.fstat(fd).st_mode):
+                    modes.append(stat.S_IMODE(info))
+                return fd
+
+            os.open = spy
+            try:
+                rewrite(data)
+            finally:
+                os.open = real_open
+
+        outbox._rewrite = watching_rewrite  # type: ignore[method-assign]
+        await outbox.started("r1", "c1", "ReadFile")
+        await outbox.compact()
+        await outbox.close()
+    finally:
+        os.umask(old)
+    assert modes and all(mode == 0o600 for mode in modes)
+    assert (tmp_path / JOURNAL_FILE).stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.anyio
+async def test_remembered_ids_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(outbox_module, "MAX_REMEMBERED", 100)
+    outbox, _ = Outbox.open(tmp_path)
+    for i in range(300):
+        await outbox.started("r1", f"c{i}", "ReadFile")
+        await outbox.result(OwedResult("r1", f"c{i}", "ReadFile", BODY, 1.0))
+        await outbox.done(f"c{i}")
+    assert not outbox.known("c0") and outbox.known("c299")
+    assert outbox.delivered_body("c299") == BODY
+    await outbox.close()
+    reopened, _ = Outbox.open(tmp_path)
+    assert not reopened.known("c199") and reopened.known("c200")
     await reopened.close()
 
 
 def test_one_daemon_per_journal(tmp_path: Path) -> None:
-    first, _, _ = Outbox.open(tmp_path)
+    first, _ = Outbox.open(tmp_path)
     with pytest.raises(ConfigError, match="in use by another runner-daemon"):
         Outbox.open(tmp_path)
     os.close(first._fd)
@@ -139,13 +247,17 @@ async def _stop(proc: subprocess.Popen[str]) -> str:
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_sigkill_mid_command_is_reported_interrupted_after_restart(
-    daemon_process: Callable[[str], subprocess.Popen[str]], api: RunnerApi, runner_id: str, workspace: Path
+    daemon_process: Callable[[str], subprocess.Popen[str]],
+    api: RunnerApi,
+    runner_id: str,
+    workspace: Path,
+    tmp_path: Path,
 ) -> None:
     first = daemon_process(runner_id)
     await until(lambda: _bridge(api, runner_id), 20)
     command_id = await api.submit_command(runner_id, "Slow", {"seconds": 30, "marker": "ran.txt"})
-    await until(lambda: command_status_is(api, runner_id, command_id, "picked_up"), 20)
-    await anyio.sleep(0.3)
+    journal = tmp_path / "s" / JOURNAL_FILE
+    await until(lambda: journal.exists() and command_id in journal.read_text(), 20)  # it runs
     first.kill()
     await finish(first)
     second = daemon_process(runner_id)
@@ -173,7 +285,7 @@ async def test_an_undelivered_result_survives_a_crash(
     command_id = await api.submit_command(runner_id, "WriteFile", {"path": "once.txt", "content": "1"})
     stats_url = f"runners/{runner_id}/stats"
     await until((workspace / "once.txt").exists, 20)
-    await anyio.sleep(0.5)  # a few failed report attempts
+    await until(lambda: _report_attempts(api, runner_id, command_id), 20)  # journalled, sent, refused
     first.kill()
     await finish(first)
     await api.dev_post("faults/clear", {})
@@ -190,16 +302,16 @@ async def test_an_undelivered_result_survives_a_crash(
 async def test_a_404_on_re_send_is_dropped_not_fatal(
     devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, tmp_path: Path
 ) -> None:
-    outbox, _, _ = Outbox.open(tmp_path / "state")
+    outbox, _ = Outbox.open(tmp_path / "state")
     await outbox.result(OwedResult(runner_id, "0d7c8e3a-0000-4000-8000-000000000001", "ReadFile", BODY, 1e12))
     await outbox.close()
-    outbox, owed, interrupted = Outbox.open(tmp_path / "state")
+    outbox, recovered = Outbox.open(tmp_path / "state")
     settings = make_settings(devserver.url, runner_id, workspace)
     from runner_daemon.daemon import Daemon
     from tests.support import registry_for_tests
 
     async with RunnerApi.from_settings(settings) as client:
-        daemon = Daemon(settings, client, registry_for_tests(), outbox=outbox, owed=(owed, interrupted))
+        daemon = Daemon(settings, client, registry_for_tests(), outbox, recovered=recovered)
         async with anyio.create_task_group() as tg:
             tg.start_soon(daemon.run)
             await until(lambda: daemon.stats.dropped == 1)
@@ -208,6 +320,11 @@ async def test_a_404_on_re_send_is_dropped_not_fatal(
             daemon.request_stop("test")
     assert record.status == "completed"
     assert daemon.fatal_error is None
+
+
+async def _report_attempts(api: RunnerApi, runner_id: str, command_id: str) -> int:
+    records = await api.dev_get(f"runners/{runner_id}/commands")
+    return int(next(r for r in records if r["command_id"] == command_id)["report_attempts"])
 
 
 async def _bridge(api: RunnerApi, runner_id: str) -> bool:

@@ -243,6 +243,17 @@ def build_app(state: DevState) -> Starlette:
         runner.malformed.extend([kind] * count)
         return Response(status_code=204)
 
+    async def dev_redeliver(request: Request) -> Response:
+        runner = state.runner(request.path_params["runner_id"])
+        body = await _json_body(request)
+        command_id = body.get("command_id") if isinstance(body, dict) else None
+        if not isinstance(command_id, str):
+            raise ApiFailure(400, "need command_id")
+        state.command(runner.id, command_id)  # 404 when unknown
+        runner.redeliver.append(command_id)
+        runner.submitted.notify()
+        return Response(status_code=204)
+
     def faults_view() -> dict[str, Any]:
         queued = [dict(fault.__dict__) for fault in state.faults]
         return {**state.injector.view(), "queued": queued}
@@ -287,6 +298,7 @@ def build_app(state: DevState) -> Starlette:
         Route("/dev/runners/{runner_id}/evict", route(None, dev_evict), methods=["POST"]),
         Route("/dev/runners/{runner_id}/commands", route(None, dev_runner_commands), methods=["GET"]),
         Route("/dev/runners/{runner_id}/malformed", route(None, dev_malformed), methods=["POST"]),
+        Route("/dev/runners/{runner_id}/redeliver", route(None, dev_redeliver), methods=["POST"]),
         Route("/dev/faults", route(None, dev_faults), methods=["POST"]),
         Route("/dev/faults", route(None, dev_get_faults), methods=["GET"]),
         Route("/dev/faults/profile", route(None, dev_set_fault_profile), methods=["POST"]),

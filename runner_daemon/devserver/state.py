@@ -112,6 +112,8 @@ class Runner:
     write_times: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
     counters: RunnerCounters = field(default_factory=RunnerCounters)
     malformed: deque[str] = field(default_factory=lambda: deque(maxlen=1000))  # spoiled poll answers
+    # Ids of commands handed out once already, to hand out again (a hostile or buggy server).
+    redeliver: deque[str] = field(default_factory=lambda: deque(maxlen=1000))
 
 
 @dataclass
@@ -350,8 +352,17 @@ class DevState:
             raise ApiFailure(429, "Too many commands per minute", {"Retry-After": "60"})
 
     def take_pending(self, runner_id: str, max_commands: int) -> list[Command]:
-        """Move up to ``max_commands`` pending commands to picked_up, oldest first."""
+        """Move up to ``max_commands`` pending commands to picked_up, oldest first.
+
+        Commands queued with ``/dev/runners/{id}/redeliver`` come first, as they are: what a
+        server with at-least-once delivery (or a hostile one) does, and Opik never should.
+        """
         taken: list[Command] = []
+        runner = self.runners.get(runner_id)
+        while runner is not None and runner.redeliver and len(taken) < max_commands:
+            again = self.commands.get(runner.redeliver.popleft())
+            if again is not None:
+                taken.append(again)
         for command in self.commands.values():  # insertion order = submission order
             if len(taken) >= max_commands:
                 break
