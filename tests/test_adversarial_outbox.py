@@ -320,3 +320,26 @@ async def test_a_full_state_directory_applies_back_pressure_and_loses_nothing(
     assert executions(workspace) == ["later"]
     errors = [e for e in events(daemon) if "cannot write the outbox" in e["event"]]
     assert len(errors) == 1  # one clear line, not one per attempt
+
+
+# --- signals at awkward moments -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_stop_while_a_result_cannot_be_delivered_keeps_it_for_the_next_start(
+    spawn: Spawn, api: RunnerApi, runner_id: str, workspace: Path, signum: int
+) -> None:
+    first = spawn(runner_id, shutdown_grace_seconds=0.5)
+    await until(lambda: ready(first), 20)
+    await api.dev_post("faults", {"route": "report", "status": 503, "count": 1_000_000})
+    command_id = await api.submit_command(runner_id, "Count", {"token": "once"})
+    await until(lambda: _report_attempts(api, runner_id, command_id), 20)  # journalled, refused
+    first.send_signal(signum)
+    _, err = await finish(first, 60)
+    assert first.returncode == 0, err
+    await api.dev_post("faults/clear", {})
+    second = spawn(runner_id)
+    record = await wait_terminal(api, runner_id, command_id, timeout=20)
+    await stop(second)
+    assert record.status == "completed" and record.result == {"token": "once"}
+    assert executions(workspace) == ["once"]
