@@ -50,6 +50,9 @@ from runner_daemon.workspace import Workspace
 MAX_POLL_COMMANDS = 20
 # How long a poll may wait for more execution slots to free up while commands run.
 POLL_GATHER_SECONDS = 0.03
+# Why a command is answered without running.
+LATE = "The runner is shutting down; the command was not started"
+EXCESS = "The server sent more commands than this runner asked for; the command was not started"
 # After the grace period, cancelled commands get this long to report before we give up.
 FINAL_REPORT_SECONDS = 10.0
 
@@ -371,8 +374,9 @@ class BridgeLoop:
             with anyio.CancelScope() as self._poll_scope:
                 if self.stopping:
                     break
+                asked = min(self._free_slots(), MAX_POLL_COMMANDS)
                 try:
-                    items = await self.poll(min(self._free_slots(), MAX_POLL_COMMANDS))
+                    items = await self.poll(asked)
                 except (RunnerGone, Unauthorized) as exc:
                     self._on_fatal(exc)
                     return
@@ -382,7 +386,7 @@ class BridgeLoop:
                     backoff.reset()
             self._poll_scope = None
             # Outside the scope: whatever a poll returned is dispatched, stopping or not.
-            self.dispatch(items, work)
+            self.dispatch(items, work, asked)
             if failure is not None:
                 with anyio.CancelScope() as self._backoff_scope:  # a stop ends it at once
                     await self._poll_failed(failure, backoff)
@@ -395,9 +399,15 @@ class BridgeLoop:
         log.debug("poll answered", commands=len(items), asked=max_commands)
         return items
 
-    def dispatch(self, items: list[Any], work: TaskGroup) -> None:
-        """Phase 2: claim each item and start its task; malformed items are answered failed."""
-        for raw in items:
+    def dispatch(self, items: list[Any], work: TaskGroup, asked: int | None = None) -> None:
+        """Phase 2: claim each item and start its task; malformed items are answered failed.
+
+        Items beyond the ``asked`` number (a broken or hostile server) are claimed too, since
+        the server holds them as picked up, but answered ``cancelled`` without running, one
+        after the other in a single task: they cost one report each, never a slot or a task.
+        """
+        excess: list[BridgeCommand | MalformedCommand] = []
+        for index, raw in enumerate(items):
             parsed = parse_command(raw)
             if isinstance(parsed, str):
                 self._stats.dropped += 1
@@ -410,12 +420,21 @@ class BridgeLoop:
             self._claimed[parsed.command_id] = scope
             if self.outbox.known(parsed.command_id):
                 work.start_soon(self._answer_again, parsed)
-                continue
-            # Decided now: a command claimed before the stop still gets the grace period.
-            work.start_soon(self._run_command, parsed, scope, self.stopping)
+            elif asked is not None and index >= asked:
+                excess.append(parsed)
+            else:
+                # Decided now: a command claimed before the stop still gets the grace period.
+                work.start_soon(self._run_command, parsed, scope, LATE if self.stopping else None)
+        if excess:
+            log.warning("the server sent more commands than asked for", asked=asked, sent=len(items))
+            work.start_soon(self._refuse_in_turn, excess)
+
+    async def _refuse_in_turn(self, commands: list[BridgeCommand | MalformedCommand]) -> None:
+        for command in commands:
+            await self._run_command(command, self._claimed[command.command_id], EXCESS)
 
     async def _run_command(
-        self, command: BridgeCommand | MalformedCommand, scope: anyio.CancelScope, late: bool
+        self, command: BridgeCommand | MalformedCommand, scope: anyio.CancelScope, refusal: str | None
     ) -> None:
         start = time.monotonic()
         try:
@@ -425,7 +444,7 @@ class BridgeLoop:
             except JournalUnavailable as exc:
                 outcome = Outcome.failed("internal", f"Not run: {exc}")
             else:
-                outcome = await self._execute_in_slot(command, scope, start, late)
+                outcome = await self._execute_in_slot(command, scope, start, refusal)
             await self.reporter.report(command.command_id, command.type, outcome)
         finally:
             del self._claimed[command.command_id]
@@ -458,17 +477,21 @@ class BridgeLoop:
             self._notify()
 
     async def _execute_in_slot(
-        self, command: BridgeCommand | MalformedCommand, scope: anyio.CancelScope, start: float, late: bool
+        self,
+        command: BridgeCommand | MalformedCommand,
+        scope: anyio.CancelScope,
+        start: float,
+        refusal: str | None,
     ) -> Outcome:
         """Phase 3: run the handler in an execution slot; a shutdown cancel becomes a result.
 
-        ``late`` commands arrived after the stop began (an open poll answered): they are
-        reported cancelled without running.
+        With a ``refusal`` (the command arrived after the stop began, or beyond what was
+        asked for) it is reported cancelled without running.
         """
         if isinstance(command, MalformedCommand):
             return Outcome.failed("invalid_args", f"Malformed command from server: {command.problem}")
-        if late:
-            return Outcome.failed("cancelled", "The runner is shutting down; the command was not started")
+        if refusal is not None:
+            return Outcome.failed("cancelled", refusal)
         outcome: Outcome | None = None
         with scope:
             async with self._limiter:

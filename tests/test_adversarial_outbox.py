@@ -23,13 +23,17 @@ import pytest
 
 from runner_daemon.client import RunnerApi
 from runner_daemon.devserver.server import DevServer
+from runner_daemon.loop import BridgeLoop, LoopStats
 from runner_daemon.outbox import JOURNAL_FILE, Outbox, OwedResult
 from tests.support import (
     DaemonProcesses,
     command_status_is,
     daemon_environment,
     finish,
+    make_settings,
+    open_outbox,
     output,
+    registry_for_tests,
     until,
     wait_terminal,
 )
@@ -343,3 +347,32 @@ async def test_a_stop_while_a_result_cannot_be_delivered_keeps_it_for_the_next_s
     await stop(second)
     assert record.status == "completed" and record.result == {"token": "once"}
     assert executions(workspace) == ["once"]
+
+
+# --- a server that sends more than asked -----------------------------------------------------
+
+
+async def test_commands_beyond_what_was_asked_are_answered_without_running(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+) -> None:
+    await api.heartbeat(runner_id, ["bridge"])
+    settings = make_settings(devserver.url, runner_id, workspace)
+    loop = BridgeLoop(
+        settings,
+        api,
+        registry_for_tests(),
+        LoopStats(),
+        lambda exc: None,
+        lambda: None,
+        open_outbox(settings),
+    )
+    ids = [await api.submit_command(runner_id, "Count", {"token": f"t{i}"}) for i in range(3)]
+    items = await loop.poll(5)  # all three, as a server ignoring max_commands would send them
+    async with anyio.create_task_group() as work:
+        loop.dispatch(items, work, asked=1)
+    records = [await wait_terminal(api, runner_id, command_id) for command_id in ids]
+    assert [r.status for r in records] == ["completed", "failed", "failed"]
+    for record in records[1:]:
+        assert record.error is not None and record.error.code == "cancelled"
+        assert "more commands than this runner asked for" in record.error.message
+    assert executions(workspace) == ["t0"]
