@@ -1,0 +1,150 @@
+"""The kernel sandbox every process the daemon starts for a command runs in (Landlock).
+
+A :class:`SandboxPolicy` names what a confined process may read and execute (the system, the
+toolchains in use) and what it may also write (the workspace, a private temporary folder);
+everything else on the filesystem is denied by the kernel: the rest of the home folder,
+other users' files, the daemon's state directory. Where the kernel's Landlock ABI has them,
+TCP ``bind`` is denied, TCP ``connect`` follows ``[exec] network``, and signals and abstract
+UNIX sockets are scoped to the sandbox (a command cannot signal or connect to the daemon or
+the user's other processes). Landlock is inherited by every descendant and cannot be lifted.
+
+The policy is applied by a launcher (:mod:`runner_daemon.sandbox_exec`) that restricts itself
+and then executes the command: :meth:`SandboxPolicy.wrap` turns an argv into the launcher's.
+The policy is a plain value, so the jobs loop can confine agent processes the same way.
+
+No library is used: PyPI's ``landlock`` (1.0.0.dev5, alpha) knows neither network rules
+(ABI 4) nor scoping (ABI 6), and the three system calls need only a few ``ctypes`` lines.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runner_daemon import sandbox_exec
+from runner_daemon.errors import ConfigError
+from runner_daemon.sandbox_exec import landlock_abi
+
+# Read and execute: the system. /proc is readable as a whole (tools read /proc/cpuinfo,
+# /proc/self/...); what is private in another process's entry (environ, mem, maps, fds)
+# is guarded by ptrace checks, which Landlock denies across its domain boundary.
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/proc")
+# Devices a shell and common tools need; read and write (writing /dev/null is a redirection).
+DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty")
+# Files under /etc that are often symlinks elsewhere (/run/systemd/resolve/...): their
+# targets must be readable for name resolution and time zones to work.
+LINKED_FILES = ("/etc/resolv.conf", "/etc/hosts", "/etc/localtime", "/etc/nsswitch.conf")
+
+# What an ABI lacks, for the start-up line and check-config.
+_MISSING_BY_ABI = (
+    (2, "renaming or linking files across folders is denied everywhere (no REFER right)"),
+    (3, "truncating files is not restricted"),
+    (4, "TCP bind and connect are not restricted"),
+    (5, "ioctl on devices is not restricted"),
+    (6, "signals and abstract UNIX sockets are not scoped to the sandbox"),
+)
+
+
+@dataclass(frozen=True)
+class SandboxSupport:
+    """What this kernel can enforce."""
+
+    abi: int
+    missing: tuple[str, ...]
+
+    @classmethod
+    def probe(cls) -> SandboxSupport:
+        abi = landlock_abi() if sys.platform == "linux" else 0
+        return cls(abi, tuple(text for needed, text in _MISSING_BY_ABI if abi < needed))
+
+    def describe(self) -> str:
+        if self.abi == 0:
+            return "Landlock is not available on this kernel"
+        missing = "; ".join(self.missing) or "none"
+        return f"Landlock ABI {self.abi}; rules this kernel cannot apply: {missing}"
+
+
+@dataclass(frozen=True)
+class SandboxPolicy:
+    """Paths a confined process may read (and execute), or also write; and TCP connect."""
+
+    read: tuple[str, ...]
+    write: tuple[str, ...]
+    network: bool = True
+    launcher: tuple[str, ...] = field(default=(sys.executable, "-I", "-S", sandbox_exec.__file__))
+
+    def allowing_writes(self, *paths: Path) -> SandboxPolicy:
+        """The same policy with more writable folders (a command's private temporary one)."""
+        return SandboxPolicy(self.read, (*self.write, *map(str, paths)), self.network, self.launcher)
+
+    def read_only(self) -> SandboxPolicy:
+        """Everything writable becomes read-only (the devices stay writable)."""
+        writable = tuple(path for path in self.write if path in DEVICES)
+        readable = tuple(dict.fromkeys((*self.read, *(p for p in self.write if p not in DEVICES))))
+        return SandboxPolicy(readable, writable, self.network, self.launcher)
+
+    def wrap(self, argv: Sequence[str]) -> list[str]:
+        """The argv that runs ``argv`` under this policy."""
+        rules = [*(f"r:{p}" for p in self.read), *(f"w:{p}" for p in self.write), f"net:{int(self.network)}"]
+        return [*self.launcher, *rules, "--", *argv]
+
+
+def build_policy(
+    *,
+    workspace: Path,
+    state_directory: Path,
+    read_paths: Iterable[str] = (),
+    write_paths: Iterable[str] = (),
+    network: bool = True,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[SandboxPolicy, list[str]]:
+    """The Exec policy, and the derived paths left out because they would expose the state.
+
+    Derived: the Python running the daemon (its venv and base prefixes), each ``PATH`` folder
+    and the prefix it is the ``bin`` of (``/usr/local``, ``~/.pyenv``), unless that prefix is
+    the home folder itself or holds the state directory. Paths the settings add are taken as
+    given, but never one that is or holds the state directory (a :class:`ConfigError`).
+    """
+    environ = os.environ if environ is None else environ
+    state = _real(state_directory)
+    home = _real(Path(environ.get("HOME") or Path.home()))
+    for given in (*read_paths, *write_paths):
+        if _holds(_real(Path(given).expanduser()), state):
+            raise ConfigError(f"exec: {given} holds the state directory {state}; commands may not reach it")
+    if _holds(_real(workspace), state):
+        raise ConfigError(
+            f"state_directory {state} is inside workspace_root: commands could read its secrets"
+        )
+    derived: list[Path] = [
+        Path(p) for p in {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    ]
+    for entry in environ.get("PATH", "").split(os.pathsep):
+        if entry and os.path.isabs(entry):
+            derived.append(Path(entry))
+            if Path(entry).name in ("bin", "sbin", "shims"):
+                derived.append(Path(entry).parent)
+    derived += [Path(p).resolve().parent for p in LINKED_FILES if os.path.islink(p)]
+    left_out: list[str] = []
+    read: list[str] = list(SYSTEM_PATHS)
+    for path in derived:
+        real = _real(path)
+        if real == home or real == Path("/") or _holds(real, state):
+            left_out.append(str(real))
+        elif str(real) not in read:
+            read.append(str(real))
+    read += [str(Path(p).expanduser()) for p in read_paths]
+    write = [str(_real(workspace)), *(str(Path(p).expanduser()) for p in write_paths), *DEVICES]
+    return SandboxPolicy(tuple(dict.fromkeys(read)), tuple(dict.fromkeys(write)), network), sorted(
+        set(left_out)
+    )
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _holds(outer: Path, inner: Path) -> bool:
+    return outer == inner or outer in inner.parents

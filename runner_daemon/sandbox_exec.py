@@ -1,0 +1,201 @@
+"""``python -I -S sandbox_exec.py RULE... -- CMD...``: confine this process, then exec CMD.
+
+The launcher of :mod:`runner_daemon.sandbox`. Landlock (and the optional read-only bind
+mounts) must be applied by the process that will run the command, before its first
+instruction; doing that between ``fork`` and ``exec`` of a threaded Python daemon
+(``preexec_fn``) is unsafe, so the daemon starts this small program instead, which
+restricts itself and then ``execvp``s the command. Landlock domains are inherited by every
+descendant and can never be lifted.
+
+It is run as a file with ``-I -S`` and imports only ``ctypes`` (no site, no ``json``, not
+the package), so it costs a Python start-up and little more. Each rule is one argument:
+``r:PATH`` (read and execute), ``w:PATH`` (also write) or ``net:0``/``net:1`` (TCP connect).
+On any failure it prints one line to stderr and exits 125 without running the command: a
+command is never run less confined than its policy says.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import stat
+import sys
+
+EXIT_SANDBOX_FAILED = 125
+
+# Syscall numbers, the same on x86_64 and aarch64 (the generic table).
+_SYS_CREATE_RULESET = 444
+_SYS_ADD_RULE = 445
+_SYS_RESTRICT_SELF = 446
+_CREATE_RULESET_VERSION = 1 << 0
+_RULE_PATH_BENEATH = 1
+_RULE_NET_PORT = 2
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_CAPBSET_DROP = 24
+_CAP_SYS_PTRACE = 19
+
+# Filesystem rights, by the ABI version that introduced them.
+FS_EXECUTE = 1 << 0
+FS_WRITE_FILE = 1 << 1
+FS_READ_FILE = 1 << 2
+FS_READ_DIR = 1 << 3
+FS_REMOVE_DIR = 1 << 4
+FS_REMOVE_FILE = 1 << 5
+FS_MAKE_CHAR = 1 << 6
+FS_MAKE_DIR = 1 << 7
+FS_MAKE_REG = 1 << 8
+FS_MAKE_SOCK = 1 << 9
+FS_MAKE_FIFO = 1 << 10
+FS_MAKE_BLOCK = 1 << 11
+FS_MAKE_SYM = 1 << 12
+FS_REFER = 1 << 13  # ABI 2
+FS_TRUNCATE = 1 << 14  # ABI 3
+FS_IOCTL_DEV = 1 << 15  # ABI 5
+NET_BIND_TCP = 1 << 0  # ABI 4
+NET_CONNECT_TCP = 1 << 1  # ABI 4
+SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0  # ABI 6
+SCOPE_SIGNAL = 1 << 1  # ABI 6
+
+FS_ABI1 = (1 << 13) - 1
+FILE_RIGHTS = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE | FS_IOCTL_DEV
+READ_RIGHTS = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
+WRITE_RIGHTS = FS_ABI1 | FS_REFER | FS_TRUNCATE | FS_IOCTL_DEV
+
+
+def fs_rights(abi: int) -> int:
+    """Every filesystem right the kernel's ABI knows: all of them are handled (denied by default)."""
+    rights = FS_ABI1
+    if abi >= 2:
+        rights |= FS_REFER
+    if abi >= 3:
+        rights |= FS_TRUNCATE
+    if abi >= 5:
+        rights |= FS_IOCTL_DEV
+    return rights
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = (
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    )
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = (("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32))
+
+
+class SandboxError(Exception):
+    """The policy could not be applied as written."""
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        errno = ctypes.get_errno()
+        raise SandboxError(f"{what}: {os.strerror(errno)}")
+    return result
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version; 0 when Landlock is missing or disabled."""
+    libc = _libc()
+    libc.syscall.restype = ctypes.c_long
+    version = int(libc.syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0), _CREATE_RULESET_VERSION))
+    return max(version, 0)
+
+
+def _ruleset_size(abi: int) -> int:
+    return 24 if abi >= 6 else 16 if abi >= 4 else 8
+
+
+def apply_landlock(read: list[str], write: list[str], network: bool) -> None:
+    """Restrict this process (and all it will start) to ``policy``; see :mod:`runner_daemon.sandbox`."""
+    libc = _libc()
+    libc.syscall.restype = ctypes.c_long
+    abi = landlock_abi()
+    if abi < 1:
+        raise SandboxError("the kernel has no Landlock (Linux 5.13 or later, with landlock in the LSM list)")
+    handled_fs = fs_rights(abi)
+    attr = _RulesetAttr(handled_fs, 0, 0)
+    if abi >= 4:
+        attr.handled_access_net = NET_BIND_TCP | (0 if network else NET_CONNECT_TCP)
+    if abi >= 6:
+        attr.scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL
+    ruleset = _check(
+        int(libc.syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(_ruleset_size(abi)), 0)),
+        "landlock_create_ruleset",
+    )
+    try:
+        for path in read:
+            _add_path(libc, ruleset, path, READ_RIGHTS & handled_fs)
+        for path in write:
+            _add_path(libc, ruleset, path, WRITE_RIGHTS & handled_fs)
+        if os.geteuid() == 0:
+            # Root's CAP_SYS_PTRACE would read any process's /proc entries (the daemon's
+            # environment included) past Landlock's ptrace scoping; a command never needs it.
+            _check(int(libc.prctl(_PR_CAPBSET_DROP, _CAP_SYS_PTRACE, 0, 0, 0)), "prctl(PR_CAPBSET_DROP)")
+        _check(int(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)), "prctl(PR_SET_NO_NEW_PRIVS)")
+        _check(int(libc.syscall(_SYS_RESTRICT_SELF, ruleset, 0)), "landlock_restrict_self")
+    finally:
+        os.close(ruleset)
+
+
+def _add_path(libc: ctypes.CDLL, ruleset: int, path: str, rights: int) -> None:
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # a path the policy names but this machine lacks: nothing to allow
+    except OSError as exc:
+        raise SandboxError(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            rights &= FILE_RIGHTS
+        rule = _PathBeneathAttr(rights, fd)
+        _check(int(libc.syscall(_SYS_ADD_RULE, ruleset, _RULE_PATH_BENEATH, ctypes.byref(rule), 0)), path)
+    finally:
+        os.close(fd)
+
+
+def parse_rules(rules: list[str]) -> tuple[list[str], list[str], bool]:
+    read: list[str] = []
+    write: list[str] = []
+    network = True
+    for rule in rules:
+        kind, _, value = rule.partition(":")
+        if kind == "r" and value:
+            read.append(value)
+        elif kind == "w" and value:
+            write.append(value)
+        elif kind == "net" and value in ("0", "1"):
+            network = value == "1"
+        else:
+            raise SandboxError(f"bad rule {rule!r}")
+    return read, write, network
+
+
+def main(argv: list[str]) -> int:
+    if "--" not in argv or argv.index("--") == len(argv) - 1:
+        print("usage: sandbox_exec.py r:PATH... w:PATH... net:0|1 -- CMD...", file=sys.stderr)
+        return 2
+    split = argv.index("--")
+    command = argv[split + 1 :]
+    try:
+        apply_landlock(*parse_rules(argv[1:split]))
+    except SandboxError as exc:
+        print(f"runner-daemon sandbox: not running the command: {exc}", file=sys.stderr)
+        return EXIT_SANDBOX_FAILED
+    try:
+        os.execvp(command[0], command)
+    except OSError as exc:
+        print(f"runner-daemon sandbox: {command[0]}: {exc.strerror}", file=sys.stderr)
+        return 127 if isinstance(exc, FileNotFoundError) else 126
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
