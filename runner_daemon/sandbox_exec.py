@@ -9,7 +9,13 @@ descendant and can never be lifted.
 
 It is run as a file with ``-I -S`` and imports only ``ctypes`` (no site, no ``json``, not
 the package), so it costs a Python start-up and little more. Each rule is one argument:
-``r:PATH`` (read and execute), ``w:PATH`` (also write) or ``net:0``/``net:1`` (TCP connect).
+``r:PATH`` (read and execute), ``w:PATH`` (also write), ``ro:PATH`` (a folder inside a
+writable one made read-only, e.g. the workspace's ``.git``) or ``net:0``/``net:1`` (TCP
+connect). Landlock only ever adds rights beneath a path, so it cannot take writes away from a
+folder inside a writable one: ``ro:`` paths are bind-mounted read-only onto themselves in a
+private mount namespace (inside a user namespace mapping only the caller's own ids, so it
+needs no privilege), and Landlock then forbids every mount and unmount, so the command cannot
+undo it.
 On any failure it prints one line to stderr and exits 125 without running the command: a
 command is never run less confined than its policy says.
 """
@@ -33,6 +39,15 @@ _RULE_NET_PORT = 2
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_CAPBSET_DROP = 24
 _CAP_SYS_PTRACE = 19
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWUSER = 0x10000000
+_MS_RDONLY = 1
+_MS_REMOUNT = 32
+_MS_BIND = 4096
+_MS_REC = 16384
+_MS_PRIVATE = 1 << 18
+# statvfs flags a read-only remount must keep (the kernel refuses to clear locked ones).
+_KEPT_FLAGS = ((2, 2), (4, 4), (8, 8), (1024, 1024), (2048, 2048), (4096, 1 << 21))
 
 # Filesystem rights, by the ABI version that introduced them.
 FS_EXECUTE = 1 << 0
@@ -146,6 +161,29 @@ def apply_landlock(read: list[str], write: list[str], network: bool) -> None:
         os.close(ruleset)
 
 
+def make_read_only(paths: list[str]) -> None:
+    """Bind-mount each path read-only onto itself, for this process and all it starts."""
+    libc = _libc()
+    uid, gid = os.geteuid(), os.getegid()
+    if uid == 0:
+        # Root keeps its own namespace's powers over files of every owner; a user namespace
+        # would map the other owners away (a sidecar's root could no longer write them).
+        _check(int(libc.unshare(_CLONE_NEWNS)), "unshare(mount namespace)")
+    else:
+        _check(int(libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS)), "unshare(user and mount namespaces)")
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as stream:
+                stream.write(text)
+    _check(int(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None)), "mount --make-rprivate /")
+    for path in paths:
+        raw = os.fsencode(path)
+        _check(int(libc.mount(raw, raw, None, _MS_BIND | _MS_REC, None)), f"bind mount {path}")
+        current = os.statvfs(path).f_flag
+        flags = _MS_BIND | _MS_REMOUNT | _MS_RDONLY
+        flags |= sum(mount_flag for stat_flag, mount_flag in _KEPT_FLAGS if current & stat_flag)
+        _check(int(libc.mount(None, raw, None, flags, None)), f"read-only remount of {path}")
+
+
 def _add_path(libc: ctypes.CDLL, ruleset: int, path: str, rights: int) -> None:
     try:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
@@ -162,21 +200,30 @@ def _add_path(libc: ctypes.CDLL, ruleset: int, path: str, rights: int) -> None:
         os.close(fd)
 
 
-def parse_rules(rules: list[str]) -> tuple[list[str], list[str], bool]:
-    read: list[str] = []
-    write: list[str] = []
+def parse_rules(rules: list[str]) -> tuple[list[str], list[str], list[str], bool]:
+    """``r:``, ``w:`` and ``ro:`` paths, and whether TCP connect is allowed."""
+    paths: dict[str, list[str]] = {"r": [], "w": [], "ro": []}
     network = True
     for rule in rules:
         kind, _, value = rule.partition(":")
-        if kind == "r" and value:
-            read.append(value)
-        elif kind == "w" and value:
-            write.append(value)
+        if kind in paths and value:
+            paths[kind].append(value)
         elif kind == "net" and value in ("0", "1"):
             network = value == "1"
         else:
             raise SandboxError(f"bad rule {rule!r}")
-    return read, write, network
+    return paths["r"], paths["w"], paths["ro"], network
+
+
+def _find(name: str) -> str:
+    """``name`` as ``execvp`` would find it on ``PATH`` (itself when it holds a slash)."""
+    if "/" in name:
+        return name
+    for folder in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(folder or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return name
 
 
 def main(argv: list[str]) -> int:
@@ -185,13 +232,17 @@ def main(argv: list[str]) -> int:
         return 2
     split = argv.index("--")
     command = argv[split + 1 :]
+    program = _find(command[0])  # before the sandbox: os.execvp would import modules it may hide
     try:
-        apply_landlock(*parse_rules(argv[1:split]))
-    except SandboxError as exc:
+        read, write, read_only, network = parse_rules(argv[1:split])
+        if read_only:
+            make_read_only(read_only)
+        apply_landlock(read, write, network)
+    except (SandboxError, OSError) as exc:
         print(f"runner-daemon sandbox: not running the command: {exc}", file=sys.stderr)
         return EXIT_SANDBOX_FAILED
     try:
-        os.execvp(command[0], command)
+        os.execv(program, command)
     except OSError as exc:
         print(f"runner-daemon sandbox: {command[0]}: {exc.strerror}", file=sys.stderr)
         return 127 if isinstance(exc, FileNotFoundError) else 126
