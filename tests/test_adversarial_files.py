@@ -67,13 +67,15 @@ def swapping(first: Path, second: Path) -> Iterator[None]:
     """Run the co-tenant on two paths for the duration of a ``with`` block."""
     exchange(first, second)
     exchange(first, second)
-    proc = subprocess.Popen([sys.executable, "-c", SWAPPER, str(first), str(second)], stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == b"swapping\n"  # EOF if it died
-        yield
-    finally:
-        proc.kill()
-        proc.wait()
+    # Leaving the Popen block closes the pipe and reaps the killed process.
+    with subprocess.Popen(
+        [sys.executable, "-c", SWAPPER, str(first), str(second)], stdout=subprocess.PIPE
+    ) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == b"swapping\n"  # EOF if it died
+            yield
+        finally:
+            proc.kill()
 
 
 def git(root: Path, *args: str) -> None:
