@@ -1,12 +1,13 @@
-"""Race-safe file mutation inside the workspace: locks, anchored folders, atomic replace.
+"""Race-safe file access inside the workspace: locks, anchored folders, atomic replace.
 
-A path is confined once when the command starts (``Workspace.resolve``), but a symlink can be
-swapped in before the write. So mutations walk from the root to the file's folder one
-component at a time with ``O_NOFOLLOW``, holding each folder open, and do every read, write
-and rename relative to that folder's descriptor: once the walk succeeded, nothing done
-through it can leave the root. The file itself is replaced atomically: a temporary file in
-the same folder, fsync, rename over the target, fsync of the folder; a crash leaves the old
-file or the new one, never half of one.
+A path is confined once when the command starts (``Workspace.resolve``), but a co-tenant
+can swap a folder for a symlink before it is used. So every handler walks from the root to
+the folder one component at a time with ``O_NOFOLLOW``, holding each folder open, and does
+every open, listing, read, write and rename relative to that folder's descriptor: once the
+walk succeeded, nothing done through it can leave the root. Only regular files are read,
+and never with a blocking open (see :func:`open_regular`). A mutated file is replaced
+atomically: a temporary file in the same folder, fsync, rename over the target, fsync of
+the folder; a crash leaves the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import BinaryIO, Self
 
 import anyio
 
@@ -28,6 +29,7 @@ from runner_daemon.errors import CommandFailed
 from runner_daemon.workspace import Workspace
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _SWAPPED = "Path changed to point outside the workspace while the command ran"
 
 
@@ -60,6 +62,51 @@ class FileLocks:
         return len(self._locks)
 
 
+class NotRegularFile(Exception):
+    """The entry is a folder, FIFO, socket or device: never opened for reading or editing."""
+
+
+def open_regular(dir_fd: int, name: str) -> BinaryIO:
+    """Open ``name`` in the folder ``dir_fd`` for reading, if it is a regular file.
+
+    ``FileNotFoundError`` when it is missing, :class:`NotRegularFile` when it is something
+    else, ``path_traversal`` when it is a symlink (a path is resolved before it is opened, so
+    a symlink here was swapped in). The entry is checked before the open, so a device is not
+    opened, and again through the descriptor: a FIFO swapped in meanwhile is opened without
+    blocking (``O_NONBLOCK``) and refused, so no read can hang a worker thread.
+    """
+    info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if stat.S_ISLNK(info.st_mode):
+        raise CommandFailed("path_traversal", _SWAPPED)
+    if not stat.S_ISREG(info.st_mode):
+        raise NotRegularFile(name)
+    try:
+        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CommandFailed("path_traversal", _SWAPPED) from None
+        if exc.errno == errno.ENXIO:  # a socket swapped in
+            raise NotRegularFile(name) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(name)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_subfolder(dir_fd: int, name: str) -> int | None:
+    """A descriptor of the folder ``name`` in ``dir_fd``; None when it is not a folder (now),
+    is a symlink, or cannot be opened. For walks, which skip what they cannot enter."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return None
+
+
 class AnchoredDir:
     """An open folder inside the workspace; names are resolved relative to it, never followed."""
 
@@ -72,25 +119,60 @@ class AnchoredDir:
         """Walk from the root to ``real_path``'s folder without following any symlink.
 
         With ``create``, missing folders are made on the way (``permission_denied`` if that
-        fails). A component that is now a symlink or not a folder is ``path_traversal``.
+        fails). A component that is now a symlink or not a folder is ``path_traversal``;
+        :class:`NotRegularFile` when ``real_path`` is the root itself.
         """
-        parts = Path(workspace.relative(real_path)).parts[:-1]
+        parts = Path(workspace.relative(real_path)).parts
+        if not parts:
+            raise NotRegularFile(str(real_path))
+        try:
+            fd = cls._walk(workspace, parts[:-1], create_for=real_path.name if create else None)
+        except FileNotFoundError as exc:
+            raise CommandFailed("file_not_found", f"Directory not found: {exc.filename}") from None
+        return cls(fd, real_path.parent)
+
+    @classmethod
+    def open_folder(cls, workspace: Workspace, real_path: Path, path_arg: str) -> AnchoredDir:
+        """Walk from the root to the folder ``real_path`` itself without following any symlink.
+
+        Missing or not a folder is ``file_not_found``; a component that is now a symlink is
+        ``path_traversal``.
+        """
+        parts = Path(workspace.relative(real_path)).parts
+        try:
+            fd = cls._walk(workspace, parts)
+        except FileNotFoundError:
+            raise CommandFailed("file_not_found", f"Directory not found: {path_arg}") from None
+        except PermissionError:
+            raise CommandFailed("permission_denied", f"Permission denied: {path_arg}") from None
+        except CommandFailed:
+            # O_NOFOLLOW | O_DIRECTORY fails alike on a symlink and on a file: which one?
+            with cls.open_parent(workspace, real_path) as parent:
+                info = parent.stat(real_path.name)
+            if info is None or not stat.S_ISLNK(info.st_mode):
+                raise CommandFailed("file_not_found", f"Directory not found: {path_arg}") from None
+            raise
+        return cls(fd, real_path)
+
+    @staticmethod
+    def _walk(workspace: Workspace, parts: tuple[str, ...], *, create_for: str | None = None) -> int:
+        """The descriptor of the folder ``parts`` below the root, opened one component at a
+        time with ``O_NOFOLLOW``; ``FileNotFoundError`` names a missing component. With
+        ``create_for`` (the file's name, for the message) missing folders are made."""
         fd = os.open(workspace.root, _DIR_FLAGS)
         try:
             for part in parts:
-                if create:
+                if create_for is not None:
                     try:
                         os.mkdir(part, 0o777, dir_fd=fd)
                     except FileExistsError:
                         pass
                     except PermissionError:
                         raise CommandFailed(
-                            "permission_denied", f"Cannot create parent directory for: {real_path.name}"
+                            "permission_denied", f"Cannot create parent directory for: {create_for}"
                         ) from None
                 try:
                     next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                except FileNotFoundError:
-                    raise CommandFailed("file_not_found", f"Directory not found: {part}") from None
                 except OSError as exc:
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                         raise CommandFailed("path_traversal", _SWAPPED) from None
@@ -100,7 +182,7 @@ class AnchoredDir:
         except BaseException:
             os.close(fd)
             raise
-        return cls(fd, real_path.parent)
+        return fd
 
     def __enter__(self) -> Self:
         return self
@@ -119,19 +201,11 @@ class AnchoredDir:
 
     def read_bytes(self, name: str) -> bytes | None:
         """The regular file's bytes; None when it does not exist or is not a regular file."""
-        info = self.stat(name)
-        if info is None or not stat.S_ISREG(info.st_mode):
-            if info is not None and stat.S_ISLNK(info.st_mode):
-                raise CommandFailed("path_traversal", _SWAPPED)
-            return None
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise CommandFailed("path_traversal", _SWAPPED) from None
-            raise
-        with os.fdopen(fd, "rb") as stream:
-            return stream.read()
+            with open_regular(self.fd, name) as stream:
+                return stream.read()
+        except (FileNotFoundError, NotRegularFile):
+            return None
 
     def replace(self, name: str, data: bytes) -> None:
         """Atomically put ``data`` at ``name``, keeping an existing file's permission bits."""

@@ -1,6 +1,8 @@
 """Confinement of every path argument to ``workspace_root``.
 
-A path is resolved with all symlinks followed, and must land on the root or under it. The
+A path is resolved with all symlinks followed, and must land on the root or under it. This
+is a check only: handlers then open the real path through descriptors anchored at the root
+(runner_daemon.fileio), so a folder swapped for a symlink after the check cannot lead out. The
 checks mirror Opik's runner (empty path, ``..`` component, resolved path outside the root,
 all ``path_traversal``); we add NUL bytes and over-long paths, which the OS would otherwise
 reject with an error that is not Opik's vocabulary.
@@ -88,7 +90,11 @@ class Workspace:
             raise CommandFailed("path_traversal", "Path is too long")
         if ".." in PurePosixPath(path).parts:
             raise CommandFailed("path_traversal", f"Path contains '..': {path}")
-        resolved = os.path.realpath(os.path.join(self.root, path))
+        try:
+            resolved = os.path.realpath(os.path.join(self.root, path))
+        except OSError:
+            # A symlink swapped for a folder between realpath's lstat and readlink: EINVAL.
+            raise CommandFailed("path_traversal", f"Path changed while it was resolved: {path}") from None
         if not self.contains(resolved):
             raise CommandFailed("path_traversal", f"Path escapes workspace root: {path}")
         real = Path(resolved)

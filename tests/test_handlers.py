@@ -166,7 +166,10 @@ def test_streamed_read_equals_opiks_whole_file_read(
     ctx = HandlerContext(
         Workspace(tmp_path), load_settings(None, {"workspace_root": tmp_path}), HandlerServices()
     )
-    assert read_file_module.read_window(path, "f.txt", offset, limit, ctx) == opik_read(text, offset, limit)
+    with path.open("rb") as stream:
+        assert read_file_module.read_window(stream, "f.txt", offset, limit, ctx) == opik_read(
+            text, offset, limit
+        )
 
 
 async def test_list_files_shape_order_and_skips(workspace: Path) -> None:

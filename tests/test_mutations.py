@@ -86,6 +86,7 @@ async def test_write_through_a_symlink_inside_the_root(workspace: Path) -> None:
         ("/tmp/x.txt", "path_traversal"),
         ("", "path_traversal"),
         ("src", "permission_denied"),
+        (".", "permission_denied"),  # the root itself: not a file named after it inside
         (".git/config", "permission_denied"),
         (".env", "permission_denied"),
         ("config/.env.local", "permission_denied"),

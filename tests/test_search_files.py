@@ -475,17 +475,24 @@ def handler_context(root: Path, deny: tuple[str, ...] = ()) -> HandlerContext:
 def test_git_output_parser_filters_and_splits_anywhere(tmp_path: Path, chunk: int) -> None:
     root = tmp_path / "ws"
     (root / "real").mkdir(parents=True)
-    (root / "ok.txt").write_text("hello\n")
+    # Every record is also true of the files: only the name decides what is dropped.
+    (root / "ok.txt").write_bytes(b"one\ntwo\nhello\r\n" + b"x" * 5000 + b"\n")
+    (tmp_path / "outside.txt").write_text("outside the root\n")
+    (root / "real" / "a.txt").write_text("under a symlinked folder\n")
     (root / "link.txt").symlink_to(root / "ok.txt")
     (root / "dirlink").symlink_to(root / "real", target_is_directory=True)
+    (root / ".env").write_text("denied\n")
+    (root / "a\nb:1-2").write_bytes(b"\n" * 11 + b"c\x00d:-\n")
+    (root / "last").write_text("no final newline")
     output = (
         b"ok.txt\x003\x00hello\r\n"
         b"../outside.txt\x001\x00outside the root\n"
-        b"link.txt\x001\x00a symlink\n"
+        b"link.txt\x001\x00hello\r\n"
         b"dirlink/a.txt\x001\x00under a symlinked folder\n"
         b".env\x001\x00denied\n"
         b"a\nb:1-2\x0012\x00c\x00d:-\n"  # a newline in the name, a NUL in the content
         b"ok.txt\x004\x00" + b"x" * 5000 + b"\n"
+        b"ok.txt\x001\x00not what the file holds\n"  # e.g. read by git through a swapped folder
         b"last\x001\x00no final newline"
     )
     hits = search_module.Hits()
@@ -493,7 +500,7 @@ def test_git_output_parser_filters_and_splits_anywhere(tmp_path: Path, chunk: in
     ctx = handler_context(root)
     for start in range(0, len(output), chunk):
         parser.feed(output[start : start + chunk], ctx)
-    parser.close()
+    parser.close(ctx)
     assert not parser.malformed
     assert hits.kept == [
         search_module.Hit("ok.txt", 3, "hello"),

@@ -14,7 +14,7 @@ import anyio.to_thread
 from pydantic import BaseModel, ConfigDict
 
 from runner_daemon.errors import CommandFailed
-from runner_daemon.fileio import FileLocks
+from runner_daemon.fileio import AnchoredDir, FileLocks
 from runner_daemon.processes import BackgroundProcesses
 from runner_daemon.settings import Settings
 from runner_daemon.workspace import Workspace
@@ -79,16 +79,14 @@ class HandlerContext:
         return await anyio.to_thread.run_sync(func, *args, abandon_on_cancel=False)
 
 
-def existing_folder(ctx: HandlerContext, path_arg: str) -> Path:
-    """Resolve ``path_arg`` to an existing folder inside the workspace (the root when empty).
+def existing_folder(ctx: HandlerContext, path_arg: str) -> AnchoredDir:
+    """Open the folder ``path_arg`` names inside the workspace (the root when empty).
 
-    Blocking (it stats the path): called from a worker thread."""
-    if not path_arg:
-        return ctx.workspace.root
-    folder = ctx.workspace.resolve(path_arg)
-    if not folder.is_dir():
-        raise CommandFailed("file_not_found", f"Directory not found: {path_arg}")
-    return folder
+    Resolved, then walked to from the root without following a symlink, so the descriptor is
+    inside the root even if a folder on the way was swapped since. The caller closes it.
+    Blocking: called from a worker thread."""
+    real = ctx.workspace.resolve(path_arg) if path_arg else ctx.workspace.root
+    return AnchoredDir.open_folder(ctx.workspace, real, path_arg)
 
 
 class Handler(abc.ABC, Generic[A]):

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from runner_daemon.errors import CommandFailed
-from runner_daemon.fileio import AnchoredDir
+from runner_daemon.fileio import AnchoredDir, NotRegularFile
 from runner_daemon.handlers.base import Args, Handler, HandlerContext
 from runner_daemon.handlers.read_file import BINARY_SNIFF_BYTES
 from runner_daemon.handlers.write_file import describe_change
@@ -146,7 +146,9 @@ def edit_text(workspace: Workspace, real: Path, path_arg: str, edits: list[Edit]
         with AnchoredDir.open_parent(workspace, real) as folder:
             raw = folder.read_bytes(real.name)
             if raw is None:
-                raise CommandFailed("file_not_found", f"File not found: {path_arg}")
+                if folder.stat(real.name) is None:
+                    raise CommandFailed("file_not_found", f"File not found: {path_arg}")
+                raise CommandFailed("file_not_found", f"Not a regular file: {path_arg}")
             if b"\x00" in raw[:BINARY_SNIFF_BYTES]:
                 raise CommandFailed("binary_file", f"Binary file: {path_arg}")
             try:
@@ -162,6 +164,8 @@ def edit_text(workspace: Workspace, real: Path, path_arg: str, edits: list[Edit]
             new = apply_edits(content, spans, edits)
             new = bom + (new.replace("\n", "\r\n") if crlf else new)
             folder.replace(real.name, new.encode("utf-8"))
+    except NotRegularFile:  # the workspace root itself
+        raise CommandFailed("file_not_found", f"Not a regular file: {path_arg}") from None
     except PermissionError:
         raise CommandFailed("permission_denied", f"File is not writable: {path_arg}") from None
     return old, new, fuzzy

@@ -2,7 +2,8 @@
 
 Names are relative to the listed folder, as Opik's runner returns them. Only the first
 1,000 names in sort order are kept while walking (a bounded heap), so a huge tree costs a
-count, not a list.
+count, not a list. Folders are listed through descriptors opened from the root with
+``O_NOFOLLOW``, so a folder swapped for a symlink mid-walk lists nothing from outside.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import fnmatch
 import heapq
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
+from runner_daemon.fileio import AnchoredDir, open_subfolder
 from runner_daemon.handlers.base import Args, Handler, HandlerContext, existing_folder
 from runner_daemon.workspace import SKIP_DIRS
 
@@ -30,25 +31,30 @@ class ListFilesArgs(Args):
     depth: int = Field(1, ge=1, le=MAX_DEPTH)
 
 
-def _walk(current: Path, base: Path, pattern: str | None, depth: int, ctx: HandlerContext) -> Iterator[str]:
-    if depth <= 0:
-        return
+def _walk(folder_fd: int, prefix: str, pattern: str | None, depth: int, ctx: HandlerContext) -> Iterator[str]:
+    """Names under the open folder, each prefixed with ``prefix`` (its path from the base)."""
     ctx.check_stop()
     try:
-        with os.scandir(current) as entries:
-            listed = list(entries)
+        with os.scandir(folder_fd) as entries:
+            listed = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
     except OSError:
         return  # unreadable folders are skipped, as Opik does
-    for entry in listed:
+    for name, is_dir in listed:
         # Symlinked folders count as files: never descended, so never a way out.
-        is_dir = entry.is_dir(follow_symlinks=False)
-        if is_dir and entry.name in SKIP_DIRS:
+        if is_dir and name in SKIP_DIRS:
             continue
-        rel = Path(entry.path).relative_to(base).as_posix()
+        rel = prefix + name
         if is_dir:
             yield rel + "/"
-            yield from _walk(Path(entry.path), base, pattern, depth - 1, ctx)
-        elif not pattern or fnmatch.fnmatch(entry.name, pattern) or fnmatch.fnmatch(rel, pattern):
+            # Opened by name with O_NOFOLLOW: a folder swapped for a symlink since the
+            # listing is not entered.
+            child = open_subfolder(folder_fd, name) if depth > 1 else None
+            if child is not None:
+                try:
+                    yield from _walk(child, rel + "/", pattern, depth - 1, ctx)
+                finally:
+                    os.close(child)
+        elif not pattern or fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(rel, pattern):
             yield rel
 
 
@@ -56,12 +62,12 @@ def _sort_key(name: str) -> tuple[bool, str]:
     return (not name.endswith("/"), name.lower())
 
 
-def list_names(base: Path, pattern: str | None, depth: int, ctx: HandlerContext) -> dict[str, Any]:
+def list_names(base: AnchoredDir, pattern: str | None, depth: int, ctx: HandlerContext) -> dict[str, Any]:
     total = 0
 
     def counted() -> Iterator[str]:
         nonlocal total
-        for name in _walk(base, base, pattern, depth, ctx):
+        for name in _walk(base.fd, "", pattern, depth, ctx):
             total += 1
             yield name
 
@@ -78,7 +84,8 @@ def list_names(base: Path, pattern: str | None, depth: int, ctx: HandlerContext)
 
 def list_folder(args: ListFilesArgs, ctx: HandlerContext) -> dict[str, Any]:
     """Resolve and list in one worker thread: one hop off the event loop, not two."""
-    return list_names(existing_folder(ctx, args.path), args.pattern or None, args.depth, ctx)
+    with existing_folder(ctx, args.path) as base:
+        return list_names(base, args.pattern or None, args.depth, ctx)
 
 
 class ListFilesHandler(Handler[ListFilesArgs]):

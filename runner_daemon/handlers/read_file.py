@@ -2,18 +2,19 @@
 
 Results match Opik's runner (lines as ``str.splitlines(keepends=True)`` cuts them, the
 window and the 512,000-character cut), but the file is streamed in chunks, so reading the
-first lines of a multi-gigabyte log costs a chunk of memory, not the whole file.
+first lines of a multi-gigabyte log costs a chunk of memory, not the whole file. Only a
+regular file is read, opened through descriptors anchored at the root (runner_daemon.fileio).
 """
 
 from __future__ import annotations
 
 import codecs
-from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import Field
 
 from runner_daemon.errors import CommandFailed
+from runner_daemon.fileio import AnchoredDir, NotRegularFile, open_regular
 from runner_daemon.handlers.base import Args, Handler, HandlerContext
 
 MAX_LINES = 2000
@@ -30,58 +31,65 @@ class ReadFileArgs(Args):
     limit: int = Field(MAX_LINES, ge=0)
 
 
-def open_text_file(ctx: HandlerContext, path_arg: str) -> Path:
-    """Resolve ``path_arg`` to an existing regular file inside the workspace."""
-    path = ctx.workspace.resolve(path_arg)
-    if not path.exists():
-        raise CommandFailed("file_not_found", f"File not found: {path_arg}")
-    if not path.is_file():
-        raise CommandFailed("file_not_found", f"Not a file: {path_arg}")
-    return path
+def open_text_file(ctx: HandlerContext, path_arg: str) -> BinaryIO:
+    """Open the regular file ``path_arg`` names inside the workspace, through descriptors
+    anchored at the root (a folder swapped for a symlink meanwhile is ``path_traversal``)."""
+    real = ctx.workspace.resolve(path_arg)
+    try:
+        with AnchoredDir.open_parent(ctx.workspace, real) as folder:
+            return open_regular(folder.fd, real.name)
+    except FileNotFoundError:
+        raise CommandFailed("file_not_found", f"File not found: {path_arg}") from None
+    except CommandFailed as exc:
+        if exc.code == "file_not_found":  # a folder on the way is missing
+            raise CommandFailed("file_not_found", f"File not found: {path_arg}") from None
+        raise
+    except NotRegularFile:
+        raise CommandFailed("file_not_found", f"Not a regular file: {path_arg}") from None
+    except PermissionError:
+        raise CommandFailed("permission_denied", f"Permission denied: {path_arg}") from None
 
 
 def _ends_with_break(line: str) -> bool:
     return bool(line) and line[-1] in LINE_BREAKS
 
 
-def read_window(path: Path, path_arg: str, offset: int, limit: int, ctx: HandlerContext) -> dict[str, Any]:
+def read_window(
+    stream: BinaryIO, path_arg: str, offset: int, limit: int, ctx: HandlerContext
+) -> dict[str, Any]:
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     total = 0
     pieces: list[str] = []
     chars = 0
     cut = False
     carry = ""
-    try:
-        with path.open("rb") as stream:
-            head = stream.read(BINARY_SNIFF_BYTES)
-            if b"\x00" in head:
-                raise CommandFailed("binary_file", f"Binary file: {path_arg}")
-            chunk = head
-            while True:
-                ctx.check_stop()
-                final = not chunk
-                try:
-                    text = carry + decoder.decode(chunk, final=final)
-                except UnicodeDecodeError:
-                    raise CommandFailed("binary_file", f"File is not valid UTF-8: {path_arg}") from None
-                lines = text.splitlines(keepends=True)
-                carry = ""
-                # The last piece may continue in the next chunk, and a lone "\r" may be
-                # the first half of "\r\n": keep it back until more text arrives.
-                if not final and lines and (not _ends_with_break(lines[-1]) or lines[-1][-1] == "\r"):
-                    carry = lines.pop()
-                for line in lines:
-                    if offset <= total < offset + limit and not cut:
-                        piece = line[: MAX_CHARS - chars]
-                        cut = len(piece) < len(line)
-                        pieces.append(piece)
-                        chars += len(piece)
-                    total += 1
-                if final:
-                    break
-                chunk = stream.read(CHUNK_BYTES)
-    except PermissionError:
-        raise CommandFailed("permission_denied", f"Permission denied: {path_arg}") from None
+    head = stream.read(BINARY_SNIFF_BYTES)
+    if b"\x00" in head:
+        raise CommandFailed("binary_file", f"Binary file: {path_arg}")
+    chunk = head
+    while True:
+        ctx.check_stop()
+        final = not chunk
+        try:
+            text = carry + decoder.decode(chunk, final=final)
+        except UnicodeDecodeError:
+            raise CommandFailed("binary_file", f"File is not valid UTF-8: {path_arg}") from None
+        lines = text.splitlines(keepends=True)
+        carry = ""
+        # The last piece may continue in the next chunk, and a lone "\r" may be
+        # the first half of "\r\n": keep it back until more text arrives.
+        if not final and lines and (not _ends_with_break(lines[-1]) or lines[-1][-1] == "\r"):
+            carry = lines.pop()
+        for line in lines:
+            if offset <= total < offset + limit and not cut:
+                piece = line[: MAX_CHARS - chars]
+                cut = len(piece) < len(line)
+                pieces.append(piece)
+                chars += len(piece)
+            total += 1
+        if final:
+            break
+        chunk = stream.read(CHUNK_BYTES)
     return {
         "content": "".join(pieces),
         "total_lines": total,
@@ -92,8 +100,8 @@ def read_window(path: Path, path_arg: str, offset: int, limit: int, ctx: Handler
 
 def read_file(args: ReadFileArgs, ctx: HandlerContext) -> dict[str, Any]:
     """Resolve and read in one worker thread: one hop off the event loop, not two."""
-    path = open_text_file(ctx, args.path)
-    return read_window(path, args.path, args.offset, min(args.limit, MAX_LINES), ctx)
+    with open_text_file(ctx, args.path) as stream:
+        return read_window(stream, args.path, args.offset, min(args.limit, MAX_LINES), ctx)
 
 
 class ReadFileHandler(Handler[ReadFileArgs]):

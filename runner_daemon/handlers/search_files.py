@@ -18,10 +18,14 @@ Two engines give one result shape (HANDLERS.md, "SearchFiles"):
 
 In both modes a file is reported only when it is a regular file reached from the root
 without any symlink (a symlink may lead out of the root, and a target inside it is
-searched under its own name anyway), its name is valid UTF-8 (the result must serialise), and the
-deny-list allows reading it. ``context_before``/``context_after`` are the (up to) three
-file lines on each side of the match, whether or not they match too. ``matches`` is always
-a prefix of all matches in path order; ``truncated`` says some were left out.
+searched under its own name anyway), its name is valid UTF-8 (the result must serialise),
+and the deny-list allows reading it. We read files only through descriptors anchored at
+the root (runner_daemon.fileio); git reads by name, so each line it reports is read again
+that way and dropped unless it is the same bytes (:class:`GitGrepOutput`): a folder swapped
+for a symlink mid-search yields nothing from outside the root. ``context_before`` and
+``context_after`` are the (up to) three file lines on each side of the match, whether or
+not they match too. ``matches`` is always a prefix of all matches in path order;
+``truncated`` says some were left out.
 """
 
 from __future__ import annotations
@@ -33,11 +37,10 @@ import math
 import os
 import re
 import shutil
-import stat
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 import anyio
@@ -45,6 +48,7 @@ import anyio.abc
 from pydantic import field_validator
 
 from runner_daemon.errors import CommandFailed
+from runner_daemon.fileio import AnchoredDir, NotRegularFile, open_regular, open_subfolder
 from runner_daemon.handlers.base import Args, Handler, HandlerContext, existing_folder
 from runner_daemon.handlers.exec import child_environment
 from runner_daemon.workspace import SKIP_DIRS, Workspace
@@ -54,6 +58,7 @@ MAX_BYTES = 512 * 1024
 MAX_LINE_CHARS = 500
 MAX_PATTERN_CHARS = 500
 CONTEXT_LINES = 3
+CHUNK_BYTES = 1 << 16
 BINARY_SNIFF_BYTES = 8192
 # Bytes of a line kept before decoding: enough for MAX_LINE_CHARS characters of 4 bytes.
 KEEP_LINE_BYTES = MAX_LINE_CHARS * 4 + 4
@@ -122,33 +127,44 @@ def line_text(raw: bytes) -> str:
     return raw[:KEEP_LINE_BYTES].decode("utf-8", "replace").removesuffix("\r")[:MAX_LINE_CHARS]
 
 
-def open_regular(path: str) -> BinaryIO | None:
-    """Open a regular file, or ``None``: a final symlink is not followed, a FIFO never blocks."""
+def read_line(stream: BinaryIO) -> bytes | None:
+    """The next line without its newline, cut to :data:`KEEP_LINE_BYTES` (the rest of a huge
+    line is skipped, not held); ``None`` at the end of the file."""
+    head = stream.readline(KEEP_LINE_BYTES)
+    if head.endswith(b"\n"):
+        return head[:-1]
+    if len(head) == KEEP_LINE_BYTES:
+        while (rest := stream.readline(CHUNK_BYTES)) and not rest.endswith(b"\n"):
+            pass
+    return head or None
+
+
+def open_quietly(dir_fd: int, name: str) -> BinaryIO | None:
+    """:func:`open_regular`, or ``None`` for anything a search skips: a missing file, a
+    folder, FIFO, socket or device, a symlink, an unreadable file."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            return None
-        return os.fdopen(fd, "rb")
-    except OSError:
-        os.close(fd)
+        return open_regular(dir_fd, name)
+    except (OSError, NotRegularFile, CommandFailed):
         return None
 
 
-def reportable(workspace: Workspace, real_path: str) -> str | None:
-    """The root-relative name of a file under the root that may be reported, else ``None``."""
-    if real_path == str(workspace.root) or not workspace.contains(real_path):
+def open_inside(workspace: Workspace, relative: str) -> BinaryIO | None:
+    """The regular file at a root-relative path, reached from the root without following
+    any symlink, or ``None``: whatever was swapped in, nothing outside the root is read."""
+    try:
+        with AnchoredDir.open_parent(workspace, workspace.root / relative) as folder:
+            return open_quietly(folder.fd, PurePosixPath(relative).name)
+    except (OSError, NotRegularFile, CommandFailed):
         return None
-    path = Path(real_path)
-    relative = workspace.relative(path)
+
+
+def reportable(workspace: Workspace, relative: str) -> bool:
+    """Whether a file at this root-relative path may be reported."""
     try:
         relative.encode("utf-8")
     except UnicodeEncodeError:
-        return None  # an undecodable name (surrogate escapes) cannot go into JSON
-    return None if workspace.denied(path) else relative
+        return False  # an undecodable name (surrogate escapes) cannot go into JSON
+    return not workspace.denied(workspace.root / relative)
 
 
 def glob_matches(relative: str, glob: str) -> bool:
@@ -166,90 +182,113 @@ def glob_matches(relative: str, glob: str) -> bool:
 # --- pure-Python search ------------------------------------------------------------------
 
 
-def sorted_entries(folder: str) -> Iterator[tuple[os.DirEntry[str], bool]]:
-    """A folder's entries with whether each is a real folder, in git's order (a folder
-    sorts as its name plus "/", so a full walk yields paths in byte order)."""
+@dataclass(frozen=True, slots=True)
+class Entry:
+    name: str
+    is_dir: bool
+    is_file: bool
+
+
+def sorted_entries(folder_fd: int) -> Iterator[Entry]:
+    """An open folder's entries, in git's order (a folder sorts as its name plus "/", so a
+    full walk yields paths in byte order). A symlink is neither a folder nor a file."""
     try:
-        with os.scandir(folder) as listing:
-            entries = [(entry, entry.is_dir(follow_symlinks=False)) for entry in listing]
+        with os.scandir(folder_fd) as listing:
+            entries = [
+                Entry(entry.name, entry.is_dir(follow_symlinks=False), entry.is_file(follow_symlinks=False))
+                for entry in listing
+            ]
     except OSError:
         return iter(())  # unreadable folders are skipped, as ListFiles does
-    entries.sort(key=lambda item: item[0].name + ("/" if item[1] else ""))
+    entries.sort(key=lambda entry: entry.name + ("/" if entry.is_dir else ""))
     return iter(entries)
 
 
-def walk_files(base: str, workspace: Workspace, ctx: HandlerContext) -> Iterator[str]:
-    """Paths of the regular files under ``base``, in the order git grep reports them.
+def walk_files(
+    base: AnchoredDir, workspace: Workspace, ctx: HandlerContext
+) -> Iterator[tuple[int, str, str]]:
+    """The regular files under ``base`` in the order git grep reports them: each as its
+    folder's descriptor (open until the next item), its name, and its root-relative path.
 
-    Skips the skip list, ``.git``, denied folders, and every symlink. Iterative, so depth is
-    not bounded by the recursion limit.
+    Skips the skip list, ``.git``, denied folders, and every symlink; folders are entered by
+    descriptor with ``O_NOFOLLOW``, so a folder swapped for a symlink is not entered.
+    Iterative, so depth is not bounded by the recursion limit.
     """
-    stack = [sorted_entries(base)]
-    while stack:
-        ctx.check_stop()
-        item = next(stack[-1], None)
-        if item is None:
-            stack.pop()
-            continue
-        # With follow_symlinks=False a symlink is neither a folder nor a file: skipped.
-        entry, is_dir = item
-        if is_dir:
-            if (
-                entry.name not in SKIP_DIRS
-                and entry.name != ".git"
-                and not workspace.denied(Path(entry.path))
-            ):
-                stack.append(sorted_entries(entry.path))
-        elif entry.is_file(follow_symlinks=False):
-            yield entry.path
+    prefix = workspace.relative(base.path)
+    stack = [(base.fd, sorted_entries(base.fd), prefix + "/" if prefix else "")]
+    try:
+        while stack:
+            ctx.check_stop()
+            folder_fd, entries, folder = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                stack.pop()
+                if folder_fd != base.fd:
+                    os.close(folder_fd)
+                continue
+            relative = folder + entry.name
+            if entry.is_dir:
+                if (
+                    entry.name not in SKIP_DIRS
+                    and entry.name != ".git"
+                    and not workspace.denied(workspace.root / relative)
+                    and (child := open_subfolder(folder_fd, entry.name)) is not None
+                ):
+                    stack.append((child, sorted_entries(child), relative + "/"))
+            elif entry.is_file:
+                yield folder_fd, entry.name, relative
+    finally:
+        for folder_fd, _, _ in stack:
+            if folder_fd != base.fd:
+                os.close(folder_fd)
 
 
 def scan_file(
-    path: str, regex: re.Pattern[str], room: int, ctx: HandlerContext
+    stream: BinaryIO, regex: re.Pattern[str], room: int, ctx: HandlerContext
 ) -> tuple[list[tuple[int, str]], int] | None:
     """The first ``room`` matching lines of a text file and the count of all, or ``None``
     when the file is not a readable text file (Opik's rule: NUL in the first 8 KiB, or not
     UTF-8). Lines are matched as git does: without the newline, with a CR if there is one."""
-    stream = open_regular(path)
-    if stream is None:
-        return None
     found: list[tuple[int, str]] = []
     count = 0
-    with stream:
-        try:
-            if b"\x00" in stream.read(BINARY_SNIFF_BYTES):
-                return None
-            stream.seek(0)
-            for number, raw in enumerate(stream, 1):
-                ctx.check_stop()
-                line = raw.removesuffix(b"\n")
-                try:
-                    text = line.decode("utf-8")
-                except UnicodeDecodeError:
-                    return None  # split at b"\n" only, so per-line decoding is exact
-                if regex.search(text):
-                    count += 1
-                    if len(found) < room:
-                        found.append((number, line_text(line)))
-        except OSError:
+    try:
+        if b"\x00" in stream.read(BINARY_SNIFF_BYTES):
             return None
+        stream.seek(0)
+        for number, raw in enumerate(stream, 1):
+            ctx.check_stop()
+            line = raw.removesuffix(b"\n")
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                return None  # split at b"\n" only, so per-line decoding is exact
+            if regex.search(text):
+                count += 1
+                if len(found) < room:
+                    found.append((number, line_text(line)))
+    except OSError:
+        return None
     return found, count
 
 
 def python_search(
-    workspace: Workspace, base: Path, regex: re.Pattern[str], glob: str, ctx: HandlerContext
+    workspace: Workspace, start: Path, regex: re.Pattern[str], glob: str, ctx: HandlerContext
 ) -> Hits:
     hits = Hits()
-    for path in walk_files(str(base), workspace, ctx):
-        relative = reportable(workspace, path)
-        if relative is None or (glob and not glob_matches(relative, glob)):
-            continue
-        scanned = scan_file(path, regex, hits.room, ctx)
-        if scanned is None:
-            continue
-        found, count = scanned
-        hits.total += count
-        hits.kept.extend(Hit(relative, number, content) for number, content in found)
+    with AnchoredDir.open_folder(workspace, start, workspace.relative(start)) as base:
+        for folder_fd, name, relative in walk_files(base, workspace, ctx):
+            if not reportable(workspace, relative) or (glob and not glob_matches(relative, glob)):
+                continue
+            stream = open_quietly(folder_fd, name)
+            if stream is None:
+                continue
+            with stream:
+                scanned = scan_file(stream, regex, hits.room, ctx)
+            if scanned is None:
+                continue
+            found, count = scanned
+            hits.total += count
+            hits.kept.extend(Hit(relative, number, content) for number, content in found)
     return hits
 
 
@@ -261,7 +300,14 @@ class GitGrepOutput:
 
     A file name holds any byte but NUL and a content any byte but a newline, so the fields
     split unambiguously. Contents are kept to :data:`KEEP_LINE_BYTES`, so one huge line costs
-    no memory. Files that may not be reported are dropped here, before they are counted.
+    no memory.
+
+    git opens files by name, so a co-tenant swapping a folder for a symlink can make it read
+    outside the root. So a record counts only when the same line, read now through
+    descriptors anchored at the root (no symlink followed), is the same bytes: then both the
+    name and the content are the workspace's. git reports a file's lines in order, so each
+    file is read once, forwards; it is open only during one :meth:`feed` call. Files that may
+    not be reported are dropped too, before they are counted.
     """
 
     def __init__(self, workspace: Workspace, hits: Hits) -> None:
@@ -271,13 +317,33 @@ class GitGrepOutput:
         self._part = 0  # 0: file name, 1: line number, 2: content
         self._name = b""
         self._line = 0
-        self._names: dict[bytes, str | None] = {}
         # Set instead of raising: an exception inside the reading task group would reach
         # the caller wrapped in an ExceptionGroup.
         self.malformed = False
+        # The file whose lines are being checked: git's name, ours (None: not reportable),
+        # its stream while a feed() runs, and where its next line starts.
+        self._file = b""
+        self._relative: str | None = None
+        self._stream: BinaryIO | None = None
+        self._offset = 0
+        self._lines_read = 0
 
     def feed(self, data: bytes, ctx: HandlerContext) -> None:
         ctx.check_stop()
+        try:
+            self._parse(data, ctx)
+        finally:
+            self._park()
+
+    def close(self, ctx: HandlerContext) -> None:
+        """End of output: a last record without its newline still counts."""
+        try:
+            if self._part == 2:
+                self._emit(ctx)
+        finally:
+            self._park()
+
+    def _parse(self, data: bytes, ctx: HandlerContext) -> None:
         position, end_of_data = 0, len(data)
         while position < end_of_data:
             if self._part < 2:
@@ -305,30 +371,58 @@ class GitGrepOutput:
                 if end < 0:
                     return
                 position = end + 1
-                self._emit()
+                self._emit(ctx)
 
-    def close(self) -> None:
-        """End of output: a last record without its newline still counts."""
-        if self._part == 2:
-            self._emit()
-
-    def _emit(self) -> None:
-        relative = self._relative(self._name)
-        if relative is not None:
+    def _emit(self, ctx: HandlerContext) -> None:
+        content = bytes(self._field)
+        if self._line_now(self._name, self._line, ctx) == content and self._relative is not None:
             self._hits.total += 1
             if self._hits.room > 0:
-                self._hits.kept.append(Hit(relative, self._line, line_text(bytes(self._field))))
+                self._hits.kept.append(Hit(self._relative, self._line, line_text(content)))
         self._field.clear()
         self._part = 0
 
-    def _relative(self, name: bytes) -> str | None:
-        if name not in self._names:
-            # git names files relative to its cwd, the root; a pathspec may reach "../".
-            lexical = os.path.normpath(os.path.join(self._workspace.root, os.fsdecode(name)))
-            # Any symlink on the way (the file itself included) makes the two differ.
-            same = os.path.realpath(lexical) == lexical
-            self._names[name] = reportable(self._workspace, lexical) if same else None
-        return self._names[name]
+    def _line_now(self, name: bytes, number: int, ctx: HandlerContext) -> bytes | None:
+        """Line ``number`` of the file git named, read through anchored descriptors and cut
+        as git's content is; ``None`` when it may not be reported, is not a regular file
+        reached without a symlink, or is shorter now."""
+        if name != self._file:
+            self._park()
+            self._file, self._relative = name, self._reportable_name(name)
+            self._offset = self._lines_read = 0
+        if self._relative is None:
+            return None
+        if number <= self._lines_read:  # not git's order: read the file again
+            self._park()
+            self._offset = self._lines_read = 0
+        if self._stream is None:
+            self._stream = open_inside(self._workspace, self._relative)
+            if self._stream is None:
+                self._relative = None
+                return None
+            self._stream.seek(self._offset)
+        line = None
+        while self._lines_read < number:
+            ctx.check_stop()
+            line = read_line(self._stream)
+            if line is None:
+                return None
+            self._lines_read += 1
+        return line
+
+    def _reportable_name(self, name: bytes) -> str | None:
+        # git names files relative to its cwd, the root; a pathspec may reach "../".
+        relative = os.fsdecode(name)
+        if any(part in ("", ".", "..") for part in relative.split("/")):
+            return None
+        return relative if reportable(self._workspace, relative) else None
+
+    def _park(self) -> None:
+        """Close the file between feeds, remembering where its next line starts."""
+        if self._stream is not None:
+            self._offset = self._stream.tell()
+            self._stream.close()
+            self._stream = None
 
 
 @dataclass
@@ -453,10 +547,16 @@ async def git_search(git: str, pattern: str, pathspec: str, env: dict[str, str],
         if any(marker in message for marker in GIT_PATTERN_ERRORS):
             raise CommandFailed("match_not_found", f"Invalid pattern: {message}")
         raise CommandFailed("search_failed", f"git grep failed: {message}")
-    parser.close()
+    await ctx.in_thread(parser.close, ctx)
     if parser.malformed:
         raise CommandFailed("search_failed", "Unexpected output from git grep")
     return hits
+
+
+def folder_path(ctx: HandlerContext, path_arg: str) -> Path:
+    """The real path of the folder ``path_arg`` names, checked by opening it (anchored)."""
+    with existing_folder(ctx, path_arg) as folder:
+        return folder.path
 
 
 # --- result ------------------------------------------------------------------------------
@@ -466,7 +566,8 @@ def with_context(workspace: Workspace, hits: Hits, ctx: HandlerContext) -> dict[
     """The result: each kept hit with the file lines around it, within the byte budget.
 
     If a file changed since it was searched (its line no longer reads as the match), the
-    hit keeps its content and gets no context rather than someone else's lines.
+    hit keeps its content and gets no context rather than someone else's lines. Files are
+    read through descriptors anchored at the root, as everywhere.
     """
     by_file: dict[str, list[Hit]] = {}
     for hit in hits.kept:
@@ -479,17 +580,18 @@ def with_context(workspace: Workspace, hits: Hits, ctx: HandlerContext) -> dict[
             for number in range(hit.line - CONTEXT_LINES, hit.line + CONTEXT_LINES + 1)
         }
         last = max(wanted)
-        stream = open_regular(os.path.join(workspace.root, name))
+        stream = open_inside(workspace, name)
         if stream is None:
             continue
         with stream:
             try:
-                for number, raw in enumerate(stream, 1):
+                for number in range(1, last + 1):
                     ctx.check_stop()
-                    if number in wanted:
-                        lines[name, number] = line_text(raw.removesuffix(b"\n"))
-                    if number >= last:
+                    raw = read_line(stream)
+                    if raw is None:
                         break
+                    if number in wanted:
+                        lines[name, number] = line_text(raw)
             except OSError:
                 pass
     matches: list[dict[str, Any]] = []
@@ -537,7 +639,7 @@ class SearchFilesHandler(Handler[SearchFilesArgs]):
             raise CommandFailed("match_not_found", f"Pattern too long (max {MAX_PATTERN_CHARS} chars)")
         if "\x00" in args.pattern:
             raise CommandFailed("match_not_found", "Invalid pattern: contains a NUL byte")
-        base = await ctx.in_thread(existing_folder, ctx, args.path)
+        base = await ctx.in_thread(folder_path, ctx, args.path)
         seconds = search_seconds()
         try:
             with anyio.fail_after(seconds):

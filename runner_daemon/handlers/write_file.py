@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from runner_daemon.errors import CommandFailed
-from runner_daemon.fileio import AnchoredDir
+from runner_daemon.fileio import AnchoredDir, NotRegularFile
 from runner_daemon.handlers.base import Args, Handler, HandlerContext
 from runner_daemon.syntax import check_syntax
 from runner_daemon.workspace import Workspace
@@ -52,6 +52,8 @@ def write_text(workspace: Workspace, real: Path, path_arg: str, content: str) ->
         with AnchoredDir.open_parent(workspace, real, create=True) as folder:
             old = folder.read_bytes(real.name)
             folder.replace(real.name, content.encode("utf-8"))
+    except NotRegularFile:  # the workspace root itself
+        raise CommandFailed("permission_denied", f"Not a regular file: {path_arg}") from None
     except PermissionError:
         raise CommandFailed("permission_denied", f"File is not writable: {path_arg}") from None
     if old is None:
