@@ -171,7 +171,8 @@ def make_read_only(paths: list[str]) -> None:
         _check(int(libc.unshare(_CLONE_NEWNS)), "unshare(mount namespace)")
     else:
         _check(int(libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS)), "unshare(user and mount namespaces)")
-        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        maps = (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1"))
+        for name, text in maps:
             with open(f"/proc/self/{name}", "w") as stream:
                 stream.write(text)
     _check(int(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None)), "mount --make-rprivate /")
