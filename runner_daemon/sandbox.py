@@ -19,9 +19,11 @@ No library is used: PyPI's ``landlock`` (1.0.0.dev5, alpha) knows neither networ
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from runner_daemon import sandbox_exec
@@ -50,15 +52,23 @@ _MISSING_BY_ABI = (
 
 @dataclass(frozen=True)
 class SandboxSupport:
-    """What this kernel can enforce."""
+    """What this kernel (and this process's rights) can enforce."""
 
     abi: int
     missing: tuple[str, ...]
+    protects: bool = False  # folders inside the workspace can be made read-only
 
     @classmethod
-    def probe(cls) -> SandboxSupport:
+    def probe(cls, *, check_protection: bool = False) -> SandboxSupport:
+        """The Landlock ABI; with ``check_protection``, one launcher run tries a read-only mount."""
         abi = landlock_abi() if sys.platform == "linux" else 0
-        return cls(abi, tuple(text for needed, text in _MISSING_BY_ABI if abi < needed))
+        missing = [text for needed, text in _MISSING_BY_ABI if abi < needed]
+        protects = abi > 0 and check_protection and _can_protect()
+        if abi > 0 and check_protection and not protects:
+            missing.append(
+                "folders inside the workspace (.git) cannot be made read-only: no mount namespace here"
+            )
+        return cls(abi, tuple(missing), protects)
 
     def describe(self) -> str:
         if self.abi == 0:
@@ -74,21 +84,31 @@ class SandboxPolicy:
     read: tuple[str, ...]
     write: tuple[str, ...]
     network: bool = True
+    # Inside writable folders, yet read-only (bind-mounted so): the workspace's .git.
+    protected: tuple[str, ...] = ()
     launcher: tuple[str, ...] = field(default=(sys.executable, "-I", "-S", sandbox_exec.__file__))
 
     def allowing_writes(self, *paths: Path) -> SandboxPolicy:
         """The same policy with more writable folders (a command's private temporary one)."""
-        return SandboxPolicy(self.read, (*self.write, *map(str, paths)), self.network, self.launcher)
+        return replace(self, write=(*self.write, *map(str, paths)))
 
-    def read_only(self) -> SandboxPolicy:
+    def protecting(self, *paths: Path) -> SandboxPolicy:
+        return replace(self, protected=(*self.protected, *map(str, paths)))
+
+    def without_writes(self) -> SandboxPolicy:
         """Everything writable becomes read-only (the devices stay writable)."""
         writable = tuple(path for path in self.write if path in DEVICES)
         readable = tuple(dict.fromkeys((*self.read, *(p for p in self.write if p not in DEVICES))))
-        return SandboxPolicy(readable, writable, self.network, self.launcher)
+        return replace(self, read=readable, write=writable, protected=())
 
     def wrap(self, argv: Sequence[str]) -> list[str]:
         """The argv that runs ``argv`` under this policy."""
-        rules = [*(f"r:{p}" for p in self.read), *(f"w:{p}" for p in self.write), f"net:{int(self.network)}"]
+        rules = [
+            *(f"r:{p}" for p in self.read),
+            *(f"w:{p}" for p in self.write),
+            *(f"ro:{p}" for p in self.protected),
+            f"net:{int(self.network)}",
+        ]
         return [*self.launcher, *rules, "--", *argv]
 
 
@@ -140,6 +160,19 @@ def build_policy(
     return SandboxPolicy(tuple(dict.fromkeys(read)), tuple(dict.fromkeys(write)), network), sorted(
         set(left_out)
     )
+
+
+def _can_protect() -> bool:
+    """Whether the launcher can bind-mount a folder read-only here (namespaces allowed)."""
+    with tempfile.TemporaryDirectory(prefix="runner-daemon-probe-") as folder:
+        inner = Path(folder) / "inner"
+        inner.mkdir()
+        argv = SandboxPolicy(("/",), (folder,)).protecting(inner).wrap([sys.executable, "-I", "-S", "-c", ""])
+        try:
+            done = subprocess.run(argv, capture_output=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return done.returncode == 0
 
 
 def _real(path: Path) -> Path:

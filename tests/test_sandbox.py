@@ -124,9 +124,9 @@ def test_tcp_bind_is_denied_and_connect_follows_the_setting(place: dict[str, Pat
 
 @needs_landlock
 def test_a_read_only_policy_writes_nowhere(place: dict[str, Path]) -> None:
-    done = run(policy_for(place).read_only(), "cat /dev/null > x.txt", place["ws"])
+    done = run(policy_for(place).without_writes(), "cat /dev/null > x.txt", place["ws"])
     assert done.returncode != 0 and not (place["ws"] / "x.txt").exists()
-    done = run(policy_for(place).read_only(), "ls && echo ok >/dev/null", place["ws"])
+    done = run(policy_for(place).without_writes(), "ls && echo ok >/dev/null", place["ws"])
     assert done.returncode == 0, done.stderr
 
 
@@ -142,3 +142,18 @@ def test_a_broken_policy_never_runs_the_command_unconfined(place: dict[str, Path
     )
     assert done.returncode == 125 and "not running the command" in done.stderr
     assert not (place["other"] / "ran").exists()
+
+
+@needs_landlock
+def test_a_protected_folder_inside_the_workspace_is_read_only(place: dict[str, Path]) -> None:
+    if not SandboxSupport.probe(check_protection=True).protects:
+        pytest.skip("no mount namespaces here")
+    git = place["ws"] / ".git"
+    git.mkdir()
+    (git / "HEAD").write_text("ref: refs/heads/main\n")
+    policy = policy_for(place).protecting(git)
+    for script in ("echo x > .git/HEAD", "touch .git/new", "rm .git/HEAD", "umount .git"):
+        assert run(policy, script, place["ws"]).returncode != 0, script
+    assert run(policy, "cat .git/HEAD && echo y > beside.txt", place["ws"]).returncode == 0
+    assert (git / "HEAD").read_text() == "ref: refs/heads/main\n" and not (git / "new").exists()
+    assert (place["ws"] / "beside.txt").exists()
