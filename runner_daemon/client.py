@@ -72,6 +72,7 @@ MAX_ANSWER_BYTES = 2 * PAYLOAD_CAP_CHARS
 POLL_BYTES_PER_COMMAND = 3 * PAYLOAD_CAP_CHARS + 64 * 1024
 # An error answer is read only for a short message: the rest is dropped unread.
 MAX_ERROR_BODY_BYTES = 64 * 1024
+INFLATE_STEP_BYTES = 256 * 1024
 _JSON_HEADERS = {"Content-Type": "application/json"}
 M = TypeVar("M", bound=BaseModel)
 
@@ -166,7 +167,8 @@ class _BoundedBody:
         self._size = 0
         self._chunks: list[bytes] = []
         self._inflate: Any = None
-        self._raw_deflate_fallback = False
+        # For "deflate": the first bytes, until they tell zlib-wrapped from raw deflate.
+        self._sniff: bytes | None = None
         header = content_encoding or ""
         codings = [
             c for c in (part.strip().lower() for part in header.split(",")) if c not in ("", "identity")
@@ -177,33 +179,31 @@ class _BoundedBody:
         if coding in ("gzip", "x-gzip"):
             self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif coding == "deflate":
-            # "deflate" is meant to be zlib-wrapped, but some servers send it raw (as httpx does).
-            self._inflate = zlib.decompressobj(zlib.MAX_WBITS)
-            self._raw_deflate_fallback = True
+            self._sniff = b""
         # Any other single coding is passed through undecoded, as httpx does.
 
     def feed(self, data: bytes) -> None:
         self._raw += len(data)
         if self._raw > self._limit:
             raise _AnswerTooLarge
+        if self._sniff is not None:
+            # "deflate" means zlib-wrapped, but some servers send it raw (httpx takes both).
+            data, self._sniff = self._sniff + data, None
+            if len(data) < 2:
+                self._sniff = data
+                return
+            wrapped = data[0] & 0x0F == 8 and int.from_bytes(data[:2], "big") % 31 == 0
+            self._inflate = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
         if self._inflate is None:
             self._keep(data)
             return
-        while data and not self._inflate.eof:  # bytes after the end of the stream are ignored
-            self._keep(self._decompress(data, self._limit - self._size + 1))
+        # Small steps: one call asked for all that fits may briefly hold twice that.
+        while not self._inflate.eof:  # bytes after the end of the stream are ignored
+            piece: bytes = self._inflate.decompress(data, INFLATE_STEP_BYTES)
+            self._keep(piece)
             data = self._inflate.unconsumed_tail
-
-    def _decompress(self, data: bytes, max_length: int) -> bytes:
-        try:
-            piece: bytes = self._inflate.decompress(data, max_length)
-        except zlib.error:
-            if not self._raw_deflate_fallback:
-                raise
-            self._raw_deflate_fallback = False
-            self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)
-            piece = self._inflate.decompress(data, max_length)
-        self._raw_deflate_fallback = False
-        return piece
+            if not data and len(piece) < INFLATE_STEP_BYTES:
+                break  # all input used, and no output held back for want of room
 
     def _keep(self, piece: bytes) -> None:
         self._size += len(piece)

@@ -16,6 +16,7 @@ import time
 import tracemalloc
 import urllib.parse
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from hypothesis import strategies as st
 
 from runner_daemon import credentials
 from runner_daemon.cli import main
-from runner_daemon.client import RunnerApi
+from runner_daemon.client import RunnerApi, _AnswerTooLarge, _BoundedBody
 from runner_daemon.devserver.server import DevServer
 from runner_daemon.errors import (
     ConfigError,
@@ -355,6 +356,32 @@ def test_a_key_with_an_inner_newline_exits_78_with_one_line_without_it(tmp_path:
 
 
 # --- hostile answers: memory, types, drips ------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.binary(max_size=4096).map(lambda b: b * 97),
+    wbits=st.sampled_from([31, 15, -15, None]),
+    chunk=st.integers(min_value=1, max_value=70_000),
+)
+def test_the_bounded_decoder_gives_any_body_back_in_any_chunks(
+    data: bytes, wbits: int | None, chunk: int
+) -> None:
+    """gzip, zlib-wrapped and raw deflate, or plain; a limit one byte short refuses it."""
+    if wbits is None:
+        encoding, sent = None, data
+    else:
+        deflate = zlib.compressobj(6, zlib.DEFLATED, wbits)
+        encoding, sent = ("gzip" if wbits == 31 else "deflate"), deflate.compress(data) + deflate.flush()
+    body = _BoundedBody(encoding, max(len(data), len(sent)))
+    for start in range(0, len(sent), chunk):
+        body.feed(sent[start : start + chunk])
+    assert body.content() == data
+    if data:
+        short = _BoundedBody(encoding, len(data) - 1)
+        with pytest.raises(_AnswerTooLarge):
+            for start in range(0, len(sent), chunk):
+                short.feed(sent[start : start + chunk])
 
 
 def _bombs(encoding: str, *, heartbeat_ok: bool = False) -> Callable[[Request], list[bytes]]:
