@@ -28,6 +28,7 @@ from runner_daemon.client import RunnerApi, probe
 from runner_daemon.daemon import Daemon, ExitStatus
 from runner_daemon.errors import ApiError, ConfigError, describe_validation_error
 from runner_daemon.handlers import HandlerRegistry, discover
+from runner_daemon.hardening import forbid_inspection
 from runner_daemon.logs import configure_logging
 from runner_daemon.notify import Notifier
 from runner_daemon.outbox import Interrupted, Outbox, OwedResult
@@ -58,9 +59,14 @@ def _settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, overrides)
 
 
+# A hang-up (closed terminal, dropped SSH session) means "stop", as for any foreground process;
+# left to its default action it would kill the daemon on the spot and orphan its Exec children.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 async def watch_signals(daemon: Daemon) -> None:
-    """First SIGINT/SIGTERM drains; a second one exits at once."""
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    """First SIGINT/SIGTERM/SIGHUP drains; a second one exits at once."""
+    with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async for signum in signals:
             if daemon.stop_requested:
                 daemon.force_stop(signum)
@@ -100,6 +106,7 @@ def start_daemon(settings: Settings, registry: HandlerRegistry) -> int:
         return _fail_config(exc)
     secrets = (*settings.secret_values(), *([encode_bridge_key(bridge_key)] if bridge_key else []))
     configure_logging(settings.log_level, settings.log_format, secrets)
+    forbid_inspection()
     if bridge_key is None:
         structlog.get_logger("runner_daemon").warning(
             "accepting unsigned commands (allow_unsigned_commands = true): anyone with the API key "

@@ -8,21 +8,39 @@ import contextlib
 import hashlib
 import json
 import os
+import pwd
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
 from runner_daemon.auth import encode_bridge_key
+from runner_daemon.client import RunnerApi
+from runner_daemon.devserver.server import DevServer
 from runner_daemon.handlers.exec import child_environment
 from runner_daemon.models import BridgeCommand
 from runner_daemon.outcome import Outcome
 from runner_daemon.processes import group_alive
 from runner_daemon.settings import load_settings
-from tests.support import executor_for, until
+from tests.support import (
+    REPO,
+    DaemonProcesses,
+    command_status_is,
+    daemon_environment,
+    executor_for,
+    finish,
+    output,
+    runner_connected,
+    until,
+    wait_terminal,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.adversarial]
 
@@ -30,6 +48,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.adversarial]
 BRIDGE_KEY = bytes(byte % 255 + 1 for byte in hashlib.sha256(b"bridge key under test").digest())
 KEY_TEXT = encode_bridge_key(BRIDGE_KEY)
 API_KEY = "opik-api-key-" + hashlib.sha256(b"api key under test").hexdigest()[:24]
+UNPRIVILEGED_USER = "rd-exec-test"
 
 
 def b64(data: bytes | str, urlsafe: bool = False) -> str:
@@ -141,3 +160,221 @@ async def test_a_foreground_command_leaves_no_process_behind(workspace: Path, co
     with killed_at_exit([left]):
         assert result_of(outcome)["exit_code"] in (0, 3)
         await until(lambda: process_gone(left), timeout=20)
+
+
+# --- background processes end with the daemon, however it stops --------------------------
+
+SLEEPERS = "sleep 300 >/dev/null 2>&1 & echo $! > {name}.pid; sleep 300"
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+async def start_background(api: RunnerApi, runner_id: str, workspace: Path, name: str) -> list[int]:
+    """A background Exec whose leader and detached child both sleep; their pids."""
+    command_id = await api.submit_command(
+        runner_id, "Exec", {"command": SLEEPERS.format(name=name), "background": True}
+    )
+    record = await wait_terminal(api, runner_id, command_id, 20)
+    assert record.status == "completed" and record.result is not None, record
+    assert record.result["status"] == "running"
+    return [record.result["pid"], await read_pid(workspace / f"{name}.pid")]
+
+
+async def all_gone(pids: list[int]) -> None:
+    # pids[0] leads the group: it must be gone as a whole, detached members included.
+    await until(lambda: all(process_gone(pid) for pid in pids) and not group_alive(pids[0]), timeout=30)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "SIGHUP", "disconnected"])
+async def test_background_processes_end_when_the_daemon_stops(
+    devserver: DevServer,
+    api: RunnerApi,
+    runner_id: str,
+    workspace: Path,
+    daemons: DaemonProcesses,
+    how: str,
+) -> None:
+    proc = daemons.spawn(daemon_environment(devserver.url, runner_id, workspace))
+    await until(lambda: runner_connected(api, runner_id), 20)
+    pids = await start_background(api, runner_id, workspace, "bg")
+    with killed_at_exit(pids):
+        if how == "disconnected":
+            await api.disconnect(runner_id)  # the next poll or heartbeat answers 404
+        else:
+            proc.send_signal(signal.Signals[how])
+        _, stderr = await finish(proc, 60)
+        lines = json_lines(stderr)
+        if how == "disconnected":
+            assert proc.returncode == 69, stderr
+        else:
+            assert proc.returncode == 0, stderr
+            assert any(line.get("reason") == how for line in lines), stderr
+        await all_gone(pids)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_background_processes_end_on_a_forced_exit(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, daemons: DaemonProcesses
+) -> None:
+    """A second signal abandons in-flight commands, but still ends the background ones."""
+    proc = daemons.spawn(daemon_environment(devserver.url, runner_id, workspace, shutdown_grace_seconds=60))
+    await until(lambda: runner_connected(api, runner_id), 20)
+    pids = await start_background(api, runner_id, workspace, "bg")
+    with killed_at_exit(pids):
+        slow = await api.submit_command(runner_id, "Slow", {"seconds": 60})
+        await until(lambda: command_status_is(api, runner_id, slow, "picked_up"), 20)
+        proc.send_signal(signal.SIGTERM)
+        await until(lambda: any(line.get("reason") == "SIGTERM" for line in json_lines(output(proc)[1])), 20)
+        proc.send_signal(signal.SIGHUP)
+        await finish(proc, 60)
+        assert proc.returncode == 128 + signal.SIGHUP
+        await all_gone(pids)
+
+
+# --- an Exec child cannot read the daemon's secrets ----------------------------------------
+
+# Run by an Exec child: scan the daemon's writable memory for the secrets listed in
+# needles.json (which the daemon never reads) and say which it found.
+PEEK = """
+import json, sys
+pid = sys.argv[1]
+needles = {name: bytes.fromhex(value) for name, value in json.load(open("needles.json")).items()}
+try:
+    maps = open(f"/proc/{pid}/maps").read().splitlines()
+    mem = open(f"/proc/{pid}/mem", "rb")
+except OSError as exc:
+    sys.exit(f"cannot read the daemon's memory: {exc.strerror}")
+scanned = 0
+for line in maps:
+    addresses, perms = line.split()[:2]
+    start, end = (int(x, 16) for x in addresses.split("-"))
+    if not perms.startswith("rw") or end - start > 1 << 28:
+        continue
+    try:
+        mem.seek(start)
+        data = mem.read(end - start)
+    except (OSError, ValueError, OverflowError):
+        continue
+    scanned += len(data)
+    for name, needle in needles.items():
+        if needle in data:
+            print("FOUND", name)
+print("scanned", scanned, "bytes")
+"""
+
+
+@pytest.fixture(scope="module")
+def unprivileged_user() -> Iterator[pwd.struct_passwd]:
+    """A system user to run a daemon as (created for the tests, removed after)."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0 or shutil.which("useradd") is None:
+        pytest.skip("needs root on Linux with useradd, to run a daemon as an unprivileged user")
+    try:
+        yield pwd.getpwnam(UNPRIVILEGED_USER)  # left by an interrupted run: reuse it
+        return
+    except KeyError:
+        pass
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", UNPRIVILEGED_USER],
+        check=True,
+        timeout=60,
+    )
+    try:
+        yield pwd.getpwnam(UNPRIVILEGED_USER)
+    finally:
+        subprocess.run(["userdel", UNPRIVILEGED_USER], check=False, timeout=60)
+
+
+def spawn_as(user: pwd.struct_passwd, env: dict[str, str], logs: IO[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.slow_daemon"],
+        cwd=REPO,
+        env=env,
+        stdout=logs,
+        stderr=logs,
+        text=True,
+        user=user.pw_uid,
+        group=user.pw_gid,
+        extra_groups=[],
+    )
+
+
+def chown_tree(root: Path, user: pwd.struct_passwd) -> None:
+    for path in [root, *root.rglob("*")]:
+        os.chown(path, user.pw_uid, user.pw_gid)
+
+
+# Env variables holding the keys under other names, and the forms the output must not hold.
+DISGUISED = {"DEPLOY_BRIDGE_KEY": KEY_TEXT, "OTHER": b64(API_KEY)} | {
+    f"LEAK_{index}": value for index, value in enumerate(LEAKY_VALUES.values())
+}
+FORBIDDEN = [
+    API_KEY,
+    KEY_TEXT,
+    BRIDGE_KEY.hex(),
+    BRIDGE_KEY.hex().upper(),
+    b64(API_KEY),
+    b64(BRIDGE_KEY, urlsafe=True).rstrip("="),
+    BRIDGE_KEY.decode("latin-1"),
+    *LEAKY_VALUES.values(),
+]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_exec_children_cannot_read_the_daemons_secrets(
+    devserver: DevServer, api: RunnerApi, unprivileged_user: pwd.struct_passwd
+) -> None:
+    home = Path(tempfile.mkdtemp(prefix="rd-exec-test-"))  # tmp_path is private to root
+    logs = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed below
+    proc: subprocess.Popen[str] | None = None
+    try:
+        workspace, state = home / "ws", home / "state"
+        workspace.mkdir()
+        state.mkdir()
+        (home / "bridge.key").write_text(KEY_TEXT)
+        (workspace / "peek.py").write_text(PEEK)
+        needles = {
+            "api_key": API_KEY.encode(),
+            "bridge_key": BRIDGE_KEY,
+            "bridge_key_text": KEY_TEXT.encode(),
+        }
+        (workspace / "needles.json").write_text(json.dumps({k: v.hex() for k, v in needles.items()}))
+        chown_tree(home, unprivileged_user)
+        runner_id = await api.dev_create_runner("unprivileged", bridge_key=BRIDGE_KEY)  # signs commands
+        env = daemon_environment(
+            devserver.url,
+            runner_id,
+            workspace,
+            bridge_key_file=home / "bridge.key",
+            allow_unsigned_commands="false",
+            state_directory=state,
+        )
+        env |= {"OPIK_API_KEY": API_KEY, "HOME": str(home), "VISIBLE": "visible-value", **DISGUISED}
+        proc = spawn_as(unprivileged_user, env, logs)
+        await until(lambda: runner_connected(api, runner_id), 20)
+        attacks = [
+            "env",
+            "cat /proc/$PPID/environ | tr '\\0' '\\n'",
+            f"cat /proc/{proc.pid}/environ /proc/{proc.pid}/task/*/environ | tr '\\0' '\\n'",
+            f"python3 peek.py {proc.pid}",
+            f"cat /proc/{proc.pid}/cmdline; ls -l /proc/{proc.pid}/fd/",
+        ]
+        texts = []
+        for attack in attacks:
+            command_id = await api.submit_command(runner_id, "Exec", {"command": attack})
+            record = await wait_terminal(api, runner_id, command_id, 30)
+            assert record.status == "completed" and record.result is not None, record
+            texts.append(record.result["stdout"] + record.result["stderr"])
+        assert "VISIBLE=visible-value" in texts[0]  # the commands ran, and saw the environment
+        everything = "\n".join(texts)
+        assert "FOUND" not in everything
+        for form in FORBIDDEN:
+            assert form not in everything
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait(30)
+        logs.close()
+        shutil.rmtree(home, ignore_errors=True)
