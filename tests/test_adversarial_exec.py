@@ -27,7 +27,7 @@ from runner_daemon.devserver.server import DevServer
 from runner_daemon.handlers.exec import child_environment
 from runner_daemon.models import BridgeCommand
 from runner_daemon.outcome import Outcome
-from runner_daemon.processes import group_alive
+from runner_daemon.processes import GroupWatcher, group_alive
 from runner_daemon.settings import load_settings
 from tests.support import (
     REPO,
@@ -232,6 +232,47 @@ async def test_background_processes_end_on_a_forced_exit(
         await finish(proc, 60)
         assert proc.returncode == 128 + signal.SIGHUP
         await all_gone(pids)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_processes_end_even_when_the_daemon_is_killed(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, daemons: DaemonProcesses
+) -> None:
+    """SIGKILL leaves the daemon no chance to clean up: its group watcher does it."""
+    proc = daemons.spawn(daemon_environment(devserver.url, runner_id, workspace))
+    await until(lambda: runner_connected(api, runner_id), 20)
+    background = await start_background(api, runner_id, workspace, "bg")
+    command = "echo $$ > fg_leader.pid; " + SLEEPERS.format(name="fg")
+    await api.submit_command(runner_id, "Exec", {"command": command, "timeout": 120})
+    foreground = [await read_pid(workspace / "fg_leader.pid"), await read_pid(workspace / "fg.pid")]
+    with killed_at_exit(background + foreground):
+        # The daemon tells its watcher of a group just after starting it: let a whole other
+        # command run first, so that moment is surely past.
+        await wait_terminal(api, runner_id, await api.submit_command(runner_id, "Exec", {"command": "true"}))
+        proc.kill()
+        await finish(proc, 60)
+        await all_gone(background)
+        await all_gone(foreground)
+
+
+def spawn_group(command: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["bash", "-c", command], start_new_session=True)
+
+
+async def test_the_group_watcher_ends_what_it_watches_and_nothing_else() -> None:
+    watcher = GroupWatcher(grace=0.5)
+    stubborn = spawn_group("trap '' TERM; sleep 300 & wait")
+    forgotten = spawn_group("sleep 300")
+    groups = [stubborn.pid, forgotten.pid]
+    with killed_at_exit(groups):
+        watcher.watch(stubborn.pid)
+        watcher.watch(forgotten.pid)
+        watcher.forget(forgotten.pid)
+        watcher.close()  # what the daemon's death does: the watcher's input ends
+        await until(lambda: stubborn.poll() is not None and not group_alive(stubborn.pid), timeout=30)
+        assert forgotten.poll() is None
+    for child in (stubborn, forgotten):
+        child.wait(10)
 
 
 # --- an Exec child cannot read the daemon's secrets ----------------------------------------

@@ -46,7 +46,8 @@ class HandlerServices:
     async def aclose(self) -> None:
         """Release what commands left behind: terminate background process groups.
 
-        SIGTERM to each group, SIGKILL after 5 s; bounded in time, never raises.
+        SIGTERM to each group, SIGKILL after 5 s, then the group watcher ends; bounded in
+        time, never raises.
         """
         await self.background.aclose()
 

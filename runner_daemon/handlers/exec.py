@@ -31,7 +31,13 @@ from pydantic import Field
 from runner_daemon.auth import encode_bridge_key
 from runner_daemon.errors import CommandFailed
 from runner_daemon.handlers.base import Args, Handler, HandlerContext
-from runner_daemon.processes import BackgroundProcess, group_alive, kill_process_group, poll_until
+from runner_daemon.processes import (
+    BackgroundProcess,
+    GroupWatcher,
+    group_alive,
+    kill_process_group,
+    poll_until,
+)
 from runner_daemon.settings import SECRET_ENV_NAMES, ExecSettings, Settings
 
 MAX_OUTPUT_BYTES = 512 * 1024
@@ -219,7 +225,9 @@ class ExecArgs(Args):
     background: bool = False
 
 
-async def run_foreground(command: str, cwd: Path, env: Mapping[str, str], timeout: int) -> dict[str, Any]:
+async def run_foreground(
+    command: str, cwd: Path, env: Mapping[str, str], timeout: int, watcher: GroupWatcher
+) -> dict[str, Any]:
     """Run to completion within ``timeout`` seconds, or kill the process group.
 
     Output is read until both pipes close, as Opik does; once they have and the command
@@ -239,6 +247,7 @@ async def run_foreground(command: str, cwd: Path, env: Mapping[str, str], timeou
             )
         except OSError as exc:
             raise CommandFailed("exec_failed", f"Could not start the command: {exc.strerror}") from None
+        watcher.watch(process.pid)
     stdout, stderr = OutputCapture(), OutputCapture()
     exit_code: int | None = None
     try:
@@ -253,6 +262,8 @@ async def run_foreground(command: str, cwd: Path, env: Mapping[str, str], timeou
         # (`server >/dev/null 2>&1 &`) still in its group: nothing outlives the command.
         if exit_code is None or group_alive(process.pid):
             await kill_process_group(process, KILL_GRACE_SECONDS)
+        if not group_alive(process.pid):
+            watcher.forget(process.pid)
         await _release(process)
     if exit_code is None:
         raise CommandFailed("timeout", f"Command timed out after {timeout}s")
@@ -332,7 +343,8 @@ class ExecHandler(Handler[ExecArgs]):
             return await run_background(args.command, ctx, env)
         # The loop's own deadline may come first; it then cancels us and reports the timeout.
         timeout = args.timeout if args.timeout is not None else DEFAULT_TIMEOUT_SECONDS
-        return await run_foreground(args.command, ctx.workspace.root, env, timeout)
+        watcher = ctx.services.background.watcher
+        return await run_foreground(args.command, ctx.workspace.root, env, timeout, watcher)
 
 
 HANDLER = ExecHandler()
