@@ -168,7 +168,7 @@ class GroupWatcher:
         self._grace = grace
         self._pipe: int | None = None
         self._close_pipe: weakref.finalize[[int], GroupWatcher] | None = None
-        self._failed = False
+        self._off = False  # closed, or could not start: nothing is sent any more
 
     def watch(self, pgid: int) -> None:
         self._send(f"+{pgid}\n")
@@ -178,12 +178,13 @@ class GroupWatcher:
 
     def close(self) -> None:
         """End the watcher: it exits, and ends whatever groups are still listed."""
-        self._failed = True  # nothing is sent after this
+        self._off = True
+        self._pipe = None  # its number may soon name another file
         if self._close_pipe is not None:
             self._close_pipe()
 
     def _send(self, line: str) -> None:
-        if self._pipe is None and not self._failed:
+        if self._pipe is None and not self._off:
             self._start()
         if self._pipe is None:
             return
@@ -207,7 +208,7 @@ class GroupWatcher:
             )
         except OSError as exc:
             os.close(write_end)
-            self._failed = True
+            self._off = True
             log.warning(
                 "cannot start the process group watcher; a killed daemon leaves its Exec processes",
                 error=exc.strerror,

@@ -150,7 +150,8 @@ def secret_forms(secret: bytes) -> set[bytes]:
     """What to look for in a value that may hold ``secret`` (empty for a short secret)."""
     if len(secret) < MIN_SECRET_SUBSTRING:
         return set()
-    forms = {secret, secret.decode("latin-1").encode(), secret.hex().encode(), secret.hex().upper().encode()}
+    # Hex is matched in lower case (values are searched lower-cased too).
+    forms = {secret, secret.decode("latin-1").encode(), secret.hex().encode()}
     for encode in (base64.b64encode, base64.urlsafe_b64encode):
         # Inside a longer encoded text the secret starts at one of three byte offsets: keep
         # the characters that depend on the secret's bytes alone.
@@ -162,6 +163,7 @@ def secret_forms(secret: bytes) -> set[bytes]:
 
 
 def holds_secret(value: str, needles: Collection[bytes], secrets: Collection[bytes]) -> bool:
+    """Whether ``value``, as it is or decoded, holds a needle or is a (short) secret whole."""
     raw = value.encode("utf-8", "surrogateescape")  # the bytes the child would see
     variants = {
         raw,
