@@ -27,6 +27,7 @@ from runner_daemon.client import RunnerApi, probe
 from runner_daemon.daemon import Daemon, ExitStatus
 from runner_daemon.errors import ApiError, ConfigError, describe_validation_error
 from runner_daemon.handlers import HandlerRegistry, discover
+from runner_daemon.hardening import forbid_inspection
 from runner_daemon.logs import Secret, configure_logging, scrub
 from runner_daemon.notify import Notifier
 from runner_daemon.outbox import Outbox, Recovered
@@ -67,9 +68,14 @@ def _settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, overrides)
 
 
+# A hang-up (closed terminal, dropped SSH session) means "stop", as for any foreground process;
+# left to its default action it would kill the daemon on the spot and orphan its Exec children.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 async def watch_signals(daemon: Daemon) -> None:
-    """First SIGINT/SIGTERM drains; a second one exits at once."""
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    """First SIGINT/SIGTERM/SIGHUP drains; a second one exits at once."""
+    with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async for signum in signals:
             if daemon.stop_requested:
                 daemon.force_stop(signum)
@@ -109,6 +115,7 @@ def start_daemon(settings: Settings, registry: HandlerRegistry) -> int:
     secrets: tuple[Secret, ...] = (*settings.secret_values(), *([bridge_key] if bridge_key else []))
     # Before anything else may log (the outbox warns about a damaged journal): one pipeline.
     configure_logging(settings.log_level, settings.log_format, secrets)
+    forbid_inspection()
     try:
         outbox, recovered = Outbox.open(settings.state_directory)
     except ConfigError as exc:

@@ -313,7 +313,7 @@ class BridgeLoop:
         self._stats = stats
         self._on_fatal = on_fatal
         self._on_contact = on_contact
-        self.services = services or HandlerServices()
+        self.services = services or HandlerServices(bridge_key=bridge_key)
         self.executor = Executor(
             registry,
             settings,

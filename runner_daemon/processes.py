@@ -13,6 +13,15 @@ the same under asyncio and trio, and leaves no zombie behind even when the daemo
 of a container. (Grandchildren orphaned by a dead leader are re-parented to PID 1; a
 container should use an init such as ``tini`` / ``docker run --init`` to reap those.)
 
+A daemon that dies without cleaning up (SIGKILL, the OOM killer, a crash of the
+interpreter) cannot kill anything, and its children, each in a session of its own, would
+live on. :class:`GroupWatcher` covers that: a small ``bash`` process, started with the first
+Exec command, that the daemon tells of every process group it starts and every one that
+ended. When its input pipe reaches end-of-file, which the kernel causes whenever the daemon
+exits, however, it terminates the groups still listed (SIGTERM, SIGKILL after the grace).
+A group is listed just after it starts: one started in the very instant of a SIGKILL, and
+anything that left its group with ``setsid``, escape it.
+
 Their output goes to ``exec-<n>.log`` in one folder per daemon process: by default a fresh
 ``runner-daemon-<pid>-exec-*`` folder under the system temporary folder (``$TMPDIR``,
 usually ``/tmp``), mode 0700, files mode 0600. It is outside the workspace on purpose
@@ -29,6 +38,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +58,28 @@ PROC = "/proc"
 BACKGROUND_GRACE_SECONDS = 5.0
 
 log = structlog.get_logger("runner_daemon.processes")
+
+# The group watcher: "+<pgid>" and "-<pgid>" lines on stdin; at their end (the daemon is
+# gone), SIGTERM to every group still listed, then SIGKILL to those alive after $1 tenths
+# of a second. Its own session keeps it out of reach of the terminal's signals.
+WATCHER_SCRIPT = r"""
+declare -A groups
+while read -r line; do
+  case $line in
+    +*) groups[${line:1}]=1 ;;
+    -*) unset "groups[${line:1}]" ;;
+  esac
+done
+((${#groups[@]})) || exit 0
+for group in "${!groups[@]}"; do kill -TERM -- "-$group"; done 2>/dev/null
+for ((tick = 0; tick < $1; tick++)); do
+  alive=
+  for group in "${!groups[@]}"; do kill -0 -- "-$group" 2>/dev/null && alive=1; done
+  [[ $alive ]] || exit 0
+  sleep 0.1
+done
+for group in "${!groups[@]}"; do kill -KILL -- "-$group"; done 2>/dev/null
+"""
 
 
 def signal_group(pgid: int, signum: int) -> bool:
@@ -125,6 +157,72 @@ def _reap(popen: subprocess.Popen[bytes]) -> None:
         log.exception("waiting for a background process failed", pid=popen.pid)
 
 
+class GroupWatcher:
+    """Ends the daemon's process groups if the daemon dies without ending them itself.
+
+    :meth:`watch` and :meth:`forget` never block and never raise: the watcher is a second
+    line of defence, and a daemon whose watcher failed to start only logs a warning.
+    """
+
+    def __init__(self, grace: float = BACKGROUND_GRACE_SECONDS) -> None:
+        self._grace = grace
+        self._pipe: int | None = None
+        self._close_pipe: weakref.finalize[[int], GroupWatcher] | None = None
+        self._off = False  # closed, or could not start: nothing is sent any more
+
+    def watch(self, pgid: int) -> None:
+        self._send(f"+{pgid}\n")
+
+    def forget(self, pgid: int) -> None:
+        self._send(f"-{pgid}\n")
+
+    def close(self) -> None:
+        """End the watcher: it exits, and ends whatever groups are still listed."""
+        self._off = True
+        self._pipe = None  # its number may soon name another file
+        if self._close_pipe is not None:
+            self._close_pipe()
+
+    def _send(self, line: str) -> None:
+        if self._pipe is None and not self._off:
+            self._start()
+        if self._pipe is None:
+            return
+        try:
+            os.write(self._pipe, line.encode())
+        except OSError as exc:  # the watcher died, or (never seen) its pipe is full
+            log.warning("the process group watcher is not listening", error=exc.strerror)
+
+    def _start(self) -> None:
+        read_end, write_end = os.pipe()  # both close-on-exec: no child inherits them
+        try:
+            popen = subprocess.Popen(
+                ["bash", "-c", WATCHER_SCRIPT, "runner-daemon-group-watcher", str(round(self._grace * 10))],
+                stdin=read_end,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                cwd="/",
+                env={"PATH": os.environ.get("PATH", os.defpath)},  # no secret in its /proc
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            os.close(write_end)
+            self._off = True
+            log.warning(
+                "cannot start the process group watcher; a killed daemon leaves its Exec processes",
+                error=exc.strerror,
+            )
+            return
+        finally:
+            os.close(read_end)
+        os.set_blocking(write_end, False)
+        threading.Thread(target=_reap, args=(popen,), name="exec-group-watcher", daemon=True).start()
+        self._pipe = write_end
+        # A registry dropped without close() (tests, an aborted start) still ends its watcher.
+        self._close_pipe = weakref.finalize(self, os.close, write_end)
+
+
 @dataclass
 class BackgroundProcess:
     """One background child: its Popen (reaped by ``reaper``) and its log file."""
@@ -150,7 +248,9 @@ class BackgroundProcess:
 class BackgroundProcesses:
     """The background children of one daemon: the limit, the log folder, the stop."""
 
-    def __init__(self, log_dir: Path | None = None) -> None:
+    def __init__(self, log_dir: Path | None = None, watcher: GroupWatcher | None = None) -> None:
+        # Foreground commands report their groups to it too.
+        self.watcher = watcher or GroupWatcher()
         self._log_dir = log_dir
         self._log_dir_ready = False
         self._entries: dict[int, BackgroundProcess] = {}
@@ -159,7 +259,10 @@ class BackgroundProcesses:
 
     def running(self) -> list[BackgroundProcess]:
         """The processes that still occupy a slot; finished ones are forgotten."""
-        self._entries = {pid: entry for pid, entry in self._entries.items() if entry.alive()}
+        live = {pid: entry for pid, entry in self._entries.items() if entry.alive()}
+        for pid in self._entries.keys() - live.keys():
+            self.watcher.forget(pid)
+        self._entries = live
         return list(self._entries.values())
 
     def log_dir(self) -> Path:
@@ -208,22 +311,32 @@ class BackgroundProcesses:
         reaper.start()
         entry = BackgroundProcess(popen, log_file, reaper)
         self._entries[popen.pid] = entry
+        self.watcher.watch(popen.pid)
         return entry
 
     async def stop(self, entry: BackgroundProcess, grace: float) -> None:
         """Terminate one background process group; shielded, bounded, never raises."""
         self._entries.pop(entry.pid, None)
         await _terminate([entry], grace)
+        self._forget_ended([entry])
 
     async def aclose(self, grace: float = BACKGROUND_GRACE_SECONDS) -> None:
         """Terminate every background process group: SIGTERM, SIGKILL after ``grace``.
 
-        Later :meth:`start` calls fail. Shielded, bounded, never raises.
+        Later :meth:`start` calls fail, and the watcher ends (with any group that survived
+        even SIGKILL). Shielded, bounded, never raises.
         """
         self._closing = True
         entries = list(self._entries.values())
         self._entries.clear()
         await _terminate(entries, grace)
+        self._forget_ended(entries)
+        self.watcher.close()
+
+    def _forget_ended(self, entries: Sequence[BackgroundProcess]) -> None:
+        for entry in entries:
+            if not entry.alive():
+                self.watcher.forget(entry.pid)
 
 
 async def _terminate(entries: Sequence[BackgroundProcess], grace: float) -> None:

@@ -40,11 +40,14 @@ class HandlerServices:
     locks: FileLocks = field(default_factory=FileLocks)
     # Exec's background children (and their log folder); see runner_daemon.processes.
     background: BackgroundProcesses = field(default_factory=BackgroundProcesses)
+    # The bridge key, so Exec keeps it (in any encoding) out of its children's environment.
+    bridge_key: bytes | None = field(default=None, repr=False)
 
     async def aclose(self) -> None:
         """Release what commands left behind: terminate background process groups.
 
-        SIGTERM to each group, SIGKILL after 5 s; bounded in time, never raises.
+        SIGTERM to each group, SIGKILL after 5 s, then the group watcher ends; bounded in
+        time, never raises.
         """
         await self.background.aclose()
 

@@ -1,9 +1,11 @@
 """``Exec``: run a shell command (``bash -c``) in the workspace root.
 
 Wire shapes follow Opik's runner. What we add: a policy (``[exec]``: enabled, allow-list,
-deny-list), a scrubbed environment (the daemon's secrets never reach the child), stdin on
-/dev/null, and real cancellation: when the command's time is over, or the daemon stops,
-the child's whole process group is terminated (SIGTERM, SIGKILL after a grace) and reaped.
+deny-list), a scrubbed environment (the daemon's secrets, in any encoding, never reach the
+child), stdin on /dev/null, and real cancellation: when the command's time is over, or the
+daemon stops, the child's whole process group is terminated (SIGTERM, SIGKILL after a
+grace) and reaped. A foreground command leaves nothing behind: what it started in its
+process group ends with it.
 
 Foreground output is read from both pipes at once; each keeps its first 512 KiB (cut on a
 UTF-8 character boundary) and the rest is read and dropped, so a chatty child never blocks
@@ -12,11 +14,13 @@ on a full pipe. Background children are described in :mod:`runner_daemon.process
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 import re
 import subprocess
-from collections.abc import Iterable, Mapping
+import urllib.parse
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +28,16 @@ import anyio
 import anyio.abc
 from pydantic import Field
 
+from runner_daemon.auth import encode_bridge_key
 from runner_daemon.errors import CommandFailed
 from runner_daemon.handlers.base import Args, Handler, HandlerContext
-from runner_daemon.processes import BackgroundProcess, kill_process_group, poll_until
+from runner_daemon.processes import (
+    BackgroundProcess,
+    GroupWatcher,
+    group_alive,
+    kill_process_group,
+    poll_until,
+)
 from runner_daemon.settings import SECRET_ENV_NAMES, ExecSettings, Settings
 
 MAX_OUTPUT_BYTES = 512 * 1024
@@ -39,6 +50,9 @@ STARTUP_WAIT_SECONDS = 3.0
 # A background start returns this long before the command's own deadline at the latest.
 DEADLINE_MARGIN_SECONDS = 0.5
 BLOCKED_MESSAGE = "Command blocked by safety filter"
+# A secret at least this long is found inside longer values too; a shorter one only whole
+# (a short one would match innocent text).
+MIN_SECRET_SUBSTRING = 8
 
 # Where a new simple command can begin: the start of a line, after a control operator
 # (; & && | || and newlines), or inside a subshell, group or command substitution.
@@ -109,12 +123,58 @@ def check_policy(command: str, policy: ExecSettings) -> None:
             )
 
 
-def child_environment(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The daemon's environment without its secrets: by name, and by value."""
+def child_environment(
+    settings: Settings, environ: Mapping[str, str] | None = None, bridge_key: bytes | None = None
+) -> dict[str, str]:
+    """The daemon's environment without its secrets: by name, and by value in any encoding.
+
+    A variable is dropped when its value holds the API key or the bridge key (raw bytes or
+    its base64 text) raw, in hex, in base64 (standard or URL-safe, padded or not, also
+    inside a longer encoded text such as ``user:key``), percent-encoded or split by white
+    space. Secrets shorter than :data:`MIN_SECRET_SUBSTRING` bytes are only matched whole.
+    """
     names = {*SECRET_ENV_NAMES, *settings.exec.secret_env}
-    values = {value for value in settings.secret_values() if value}
+    secrets = [value.encode() for value in settings.secret_values() if value]
+    if bridge_key:
+        secrets += [bridge_key, encode_bridge_key(bridge_key).encode()]
+    needles = frozenset(form for secret in secrets for form in secret_forms(secret))
     source = os.environ if environ is None else environ
-    return {name: value for name, value in source.items() if name not in names and value not in values}
+    return {
+        name: value
+        for name, value in source.items()
+        if name not in names and not holds_secret(value, needles, secrets)
+    }
+
+
+def secret_forms(secret: bytes) -> set[bytes]:
+    """What to look for in a value that may hold ``secret`` (empty for a short secret)."""
+    if len(secret) < MIN_SECRET_SUBSTRING:
+        return set()
+    # Hex is matched in lower case (values are searched lower-cased too).
+    forms = {secret, secret.decode("latin-1").encode(), secret.hex().encode()}
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        # Inside a longer encoded text the secret starts at one of three byte offsets: keep
+        # the characters that depend on the secret's bytes alone.
+        for offset in range(3):
+            total = offset + len(secret)
+            encoded = encode(bytes(offset) + secret)
+            forms.add(encoded[4 if offset else 0 : 4 * (total // 3)])
+    return {form for form in forms if len(form) >= MIN_SECRET_SUBSTRING}
+
+
+def holds_secret(value: str, needles: Collection[bytes], secrets: Collection[bytes]) -> bool:
+    """Whether ``value``, as it is or decoded, holds a needle or is a (short) secret whole."""
+    raw = value.encode("utf-8", "surrogateescape")  # the bytes the child would see
+    variants = {
+        raw,
+        b"".join(raw.split()),
+        raw.lower(),
+        urllib.parse.unquote_to_bytes(raw),
+        raw.replace(b"\\/", b"/"),  # JSON may escape the slashes of base64 text
+    }
+    if any(variant.strip() in secrets for variant in variants):
+        return True
+    return any(needle in variant for needle in needles for variant in variants)
 
 
 def utf8_prefix(data: bytes) -> bytes:
@@ -167,11 +227,14 @@ class ExecArgs(Args):
     background: bool = False
 
 
-async def run_foreground(command: str, cwd: Path, env: Mapping[str, str], timeout: int) -> dict[str, Any]:
+async def run_foreground(
+    command: str, cwd: Path, env: Mapping[str, str], timeout: int, watcher: GroupWatcher
+) -> dict[str, Any]:
     """Run to completion within ``timeout`` seconds, or kill the process group.
 
-    A cancellation from outside (the command's deadline, the daemon stopping) kills the
-    group too and propagates.
+    Output is read until both pipes close, as Opik does; once they have and the command
+    exited, whatever it left running in its process group is killed. A cancellation from
+    outside (the command's deadline, the daemon stopping) kills the group too and propagates.
     """
     with anyio.CancelScope(shield=True):  # never lose the handle of a child just spawned
         try:
@@ -186,6 +249,7 @@ async def run_foreground(command: str, cwd: Path, env: Mapping[str, str], timeou
             )
         except OSError as exc:
             raise CommandFailed("exec_failed", f"Could not start the command: {exc.strerror}") from None
+        watcher.watch(process.pid)
     stdout, stderr = OutputCapture(), OutputCapture()
     exit_code: int | None = None
     try:
@@ -196,8 +260,12 @@ async def run_foreground(command: str, cwd: Path, env: Mapping[str, str], timeou
                 readers.start_soon(stderr.drain, process.stderr)
             exit_code = await process.wait()
     finally:
-        if exit_code is None:  # timed out, cancelled, or failed while reading
+        # Timed out, cancelled or failed while reading; or done, with something it started
+        # (`server >/dev/null 2>&1 &`) still in its group: nothing outlives the command.
+        if exit_code is None or group_alive(process.pid):
             await kill_process_group(process, KILL_GRACE_SECONDS)
+        if not group_alive(process.pid):
+            watcher.forget(process.pid)
         await _release(process)
     if exit_code is None:
         raise CommandFailed("timeout", f"Command timed out after {timeout}s")
@@ -272,12 +340,13 @@ class ExecHandler(Handler[ExecArgs]):
 
     async def run(self, args: ExecArgs, ctx: HandlerContext) -> dict[str, Any]:
         check_policy(args.command, ctx.settings.exec)
-        env = child_environment(ctx.settings)
+        env = child_environment(ctx.settings, bridge_key=ctx.services.bridge_key)
         if args.background:
             return await run_background(args.command, ctx, env)
         # The loop's own deadline may come first; it then cancels us and reports the timeout.
         timeout = args.timeout if args.timeout is not None else DEFAULT_TIMEOUT_SECONDS
-        return await run_foreground(args.command, ctx.workspace.root, env, timeout)
+        watcher = ctx.services.background.watcher
+        return await run_foreground(args.command, ctx.workspace.root, env, timeout, watcher)
 
 
 HANDLER = ExecHandler()
