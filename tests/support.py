@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -248,3 +249,23 @@ async def command_status_is(api: RunnerApi, runner_id: str, command_id: str, sta
 
 async def runner_connected(api: RunnerApi, runner_id: str) -> bool:
     return (await api.get_runner(runner_id)).status == "connected"
+
+
+def started_in_journal(state_directory: Path) -> set[str]:
+    """Ids of the commands a daemon journalled as started (before their handlers ran).
+
+    Read while the daemon appends: a line still being written is skipped.
+    """
+    try:
+        data = (state_directory / "outbox.jsonl").read_bytes()
+    except FileNotFoundError:
+        return set()
+    ids = set()
+    for line in data.split(b"\n"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("op") == "started":
+            ids.add(str(record["id"]))
+    return ids
