@@ -10,7 +10,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
@@ -95,6 +95,25 @@ class CountHandler(Handler[CountArgs]):
         finally:
             os.close(fd)
         return {"token": args.token}
+
+
+@dataclass
+class GateHandler(Handler[Args]):
+    """Stays in flight until the test opens the gate: no guess at how long a test needs.
+
+    Create it inside the test's event loop (it holds anyio events).
+    """
+
+    command_type: ClassVar[str] = "Gate"
+    args_model = Args
+    entered: anyio.Event = field(default_factory=anyio.Event)
+    gate: anyio.Event = field(default_factory=anyio.Event)
+
+    async def run(self, args: Args, ctx: HandlerContext) -> dict[str, Any]:
+        self.entered.set()
+        with anyio.fail_after(60):
+            await self.gate.wait()
+        return {"gated": True}
 
 
 class BoomHandler(Handler[Args]):
