@@ -28,7 +28,7 @@ FAST = {
     "heartbeat_interval_seconds": 0.3,
     "retry_initial_seconds": 0.02,
     "retry_max_seconds": 0.2,
-    "shutdown_grace_seconds": 2,
+    "shutdown_grace_seconds": 30,
     "request_timeout_seconds": 5,
     "poll_timeout_seconds": 10,
 }
@@ -108,11 +108,18 @@ class GateHandler(Handler[Args]):
     args_model = Args
     entered: anyio.Event = field(default_factory=anyio.Event)
     gate: anyio.Event = field(default_factory=anyio.Event)
+    running: int = 0
+    peak: int = 0
 
     async def run(self, args: Args, ctx: HandlerContext) -> dict[str, Any]:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
         self.entered.set()
-        with anyio.fail_after(60):
-            await self.gate.wait()
+        try:
+            with anyio.fail_after(60):
+                await self.gate.wait()
+        finally:
+            self.running -= 1
         return {"gated": True}
 
 
