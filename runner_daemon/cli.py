@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +23,14 @@ import anyio
 import structlog
 
 from runner_daemon import __version__, credentials, pairing
-from runner_daemon.auth import encode_bridge_key
 from runner_daemon.client import RunnerApi, probe
 from runner_daemon.daemon import Daemon, ExitStatus
 from runner_daemon.errors import ApiError, ConfigError, describe_validation_error
 from runner_daemon.handlers import HandlerRegistry, discover
-from runner_daemon.logs import configure_logging
+from runner_daemon.logs import Secret, configure_logging, scrub
 from runner_daemon.notify import Notifier
 from runner_daemon.outbox import Interrupted, Outbox, OwedResult
-from runner_daemon.settings import Settings, load_settings, parse_listen
+from runner_daemon.settings import SECRET_ENV_NAMES, Settings, load_settings, parse_listen
 
 PROG = "runner-daemon"
 # Flags that map one-to-one onto settings keys.
@@ -48,8 +47,18 @@ SETTING_FLAGS = {
 }
 
 
+def _print_error(message: str, secrets: Iterable[Secret] = ()) -> None:
+    """One line to stderr, scrubbed of ``secrets`` and of the values of the secret variables
+    (an error may quote a library's message, and a library may quote a header)."""
+    known = [*secrets]
+    for name in SECRET_ENV_NAMES:
+        value = os.environ.get(name, "")
+        known += [value, value.strip()]
+    print(f"{PROG}: {scrub(message, known)}", file=sys.stderr)
+
+
 def _fail_config(exc: ConfigError) -> int:
-    print(f"{PROG}: config error: {exc}", file=sys.stderr)
+    _print_error(f"config error: {exc}")
     return ExitStatus.CONFIG
 
 
@@ -98,7 +107,7 @@ def start_daemon(settings: Settings, registry: HandlerRegistry) -> int:
         outbox, owed, interrupted = Outbox.open(settings.state_directory)
     except ConfigError as exc:
         return _fail_config(exc)
-    secrets = (*settings.secret_values(), *([encode_bridge_key(bridge_key)] if bridge_key else []))
+    secrets: tuple[Secret, ...] = (*settings.secret_values(), *([bridge_key] if bridge_key else []))
     configure_logging(settings.log_level, settings.log_format, secrets)
     if bridge_key is None:
         structlog.get_logger("runner_daemon").warning(
@@ -131,7 +140,7 @@ def cmd_health(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             return _fail_config(exc)
         if settings.health.listen is None:
-            print(f"{PROG}: no health listener configured ([health] listen, or --url)", file=sys.stderr)
+            _print_error("no health listener configured ([health] listen, or --url)")
             return ExitStatus.USAGE
         host, port = parse_listen(settings.health.listen)
         host = f"[{host}]" if ":" in host else host
@@ -140,7 +149,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     status = anyio.run(probe, endpoint)
     if status == 200:
         return ExitStatus.OK
-    print(f"{PROG}: {endpoint} answered {status or 'nothing'}", file=sys.stderr)
+    _print_error(f"{endpoint} answered {status or 'nothing'}")
     return ExitStatus.FAILURE
 
 
@@ -151,7 +160,7 @@ def cmd_pair(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail_config(exc)
     except ValueError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        _print_error(str(exc))
         return ExitStatus.USAGE
     configure_logging(settings.log_level, settings.log_format, settings.secret_values())
     try:
@@ -174,7 +183,7 @@ async def _pair(settings: Settings, args: argparse.Namespace) -> int:
                 ttl_seconds=args.ttl,
             )
         except ApiError as exc:
-            print(f"{PROG}: could not start pairing: {exc}", file=sys.stderr)
+            _print_error(f"could not start pairing: {exc}", settings.secret_values())
             return ExitStatus.FAILURE
         print(
             f"Open this link in a browser where you are signed in to Opik:\n\n  {pending.link}\n", flush=True
@@ -192,7 +201,8 @@ async def _pair(settings: Settings, args: argparse.Namespace) -> int:
         try:
             key = await pairing.wait_until_connected(api, pending, args.ttl, tick)
         except pairing.PairingExpired as exc:
-            print(f"\n{PROG}: {exc}; run `runner-daemon pair` again", file=sys.stderr)
+            print(file=sys.stderr)
+            _print_error(f"{exc}; run `runner-daemon pair` again", settings.secret_values())
             return ExitStatus.PAIRING_EXPIRED
     path = credentials.store(
         settings.state_directory,
@@ -253,10 +263,9 @@ def cmd_devserver(args: argparse.Namespace) -> int:
         from runner_daemon.devserver.faults import FaultProfile
         from runner_daemon.devserver.server import DevServer, DevServerConfig
     except ImportError as exc:
-        print(
-            f"{PROG}: the dev server needs the 'devserver' extra ({exc.name} is missing): "
-            "pip install 'runner-daemon[devserver]'",
-            file=sys.stderr,
+        _print_error(
+            f"the dev server needs the 'devserver' extra ({exc.name} is missing): "
+            "pip install 'runner-daemon[devserver]'"
         )
         return ExitStatus.FAILURE
     config = DevServerConfig(
@@ -281,12 +290,12 @@ def cmd_devserver(args: argparse.Namespace) -> int:
     try:
         faults = FaultProfile.model_validate(given) if given else None
     except ValidationError as exc:
-        print(f"{PROG}: bad --fault-* flags: {describe_validation_error(exc)}", file=sys.stderr)
+        _print_error(f"bad --fault-* flags: {describe_validation_error(exc)}")
         return ExitStatus.USAGE
     try:
         server = DevServer(args.host, args.port, config, state_file=args.state_file, faults=faults)
     except OSError as exc:
-        print(f"{PROG}: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+        _print_error(f"cannot listen on {args.host}:{args.port}: {exc.strerror}")
         return ExitStatus.FAILURE
     for _ in range(args.create_runner):
         runner = server.state.create_runner("dev-runner")
@@ -300,7 +309,7 @@ def cmd_devserver(args: argparse.Namespace) -> int:
     try:
         server.serve_forever()
     except ValueError as exc:  # an unreadable state file
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        _print_error(str(exc))
         return ExitStatus.FAILURE
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled (the state is saved)
         return 128 + signal.SIGINT

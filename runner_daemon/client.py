@@ -16,6 +16,7 @@ import select
 import socket
 import ssl
 import time
+import zlib
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -37,6 +38,7 @@ from runner_daemon.errors import (
     TransportError,
     Unauthorized,
 )
+from runner_daemon.logs import Scrubber
 from runner_daemon.models import (
     CommandRecord,
     DevRunnerCreated,
@@ -51,7 +53,7 @@ from runner_daemon.models import (
     SubmitRequest,
     SubmitResponse,
 )
-from runner_daemon.settings import Settings
+from runner_daemon.settings import Settings, header_value
 
 RUNNERS_PATH = "v1/private/local-runners"
 PAIRING_PATH = "v1/private/pairing/sessions"
@@ -59,6 +61,15 @@ DEFAULT_RETRY_AFTER_SECONDS = 1.0
 MAX_RETRY_AFTER_SECONDS = 300.0
 # Slack on top of httpx's own timeouts before the wall-clock guard fires.
 DEADLINE_SLACK_SECONDS = 5.0
+# Opik's cap on a command's args (and on a result, an error), as serialized JSON characters.
+PAYLOAD_CAP_CHARS = 1_048_576
+# The most a 2xx answer may hold, decoded: twice the payload cap (a heartbeat, a runner)...
+MAX_ANSWER_BYTES = 2 * PAYLOAD_CAP_CHARS
+# ...and for each command a poll asks for, one payload at 3 bytes per character (UTF-8 for
+# what Opik counts as one character) plus the item's other fields.
+POLL_BYTES_PER_COMMAND = 3 * PAYLOAD_CAP_CHARS + 64 * 1024
+# An error answer is read only for a short message: the rest is dropped unread.
+MAX_ERROR_BODY_BYTES = 64 * 1024
 _JSON_HEADERS = {"Content-Type": "application/json"}
 M = TypeVar("M", bound=BaseModel)
 
@@ -113,7 +124,7 @@ def _error_text(response: httpx.Response) -> str:
     """A short description from Opik's ``{"errors": [...]}`` or ``{"message": ...}`` bodies."""
     try:
         body = response.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past Python's stack
         return response.text[:200] or response.reason_phrase
     if isinstance(body, dict):
         errors = body.get("errors")
@@ -133,6 +144,73 @@ def _parse(model: type[M], response: httpx.Response) -> M:
             f"{exc.error_count()} problem(s), first: {exc.errors()[0]['msg']}",
             status=response.status_code,
         ) from None
+
+
+class _AnswerTooLarge(Exception):
+    """More than the limit arrived, raw or decoded."""
+
+
+class _BoundedBody:
+    """Collects an answer's body, decoding gzip or deflate itself, up to ``limit`` bytes.
+
+    httpx's own decoders inflate each chunk whole: a 1 MB gzip chunk of zeros becomes 1 GB
+    in one call. Here each step inflates at most what still fits, so neither the raw nor the
+    decoded body can hold more than ``limit`` bytes before :class:`_AnswerTooLarge`.
+    """
+
+    def __init__(self, content_encoding: str | None, limit: int) -> None:
+        self._limit = limit
+        self._raw = 0
+        self._size = 0
+        self._chunks: list[bytes] = []
+        self._inflate: Any = None
+        self._raw_deflate_fallback = False
+        header = content_encoding or ""
+        codings = [
+            c for c in (part.strip().lower() for part in header.split(",")) if c not in ("", "identity")
+        ]
+        if len(codings) > 1:
+            raise ProtocolError(f"unsupported Content-Encoding {header[:40]!r}")
+        coding = codings[0] if codings else ""
+        if coding in ("gzip", "x-gzip"):
+            self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif coding == "deflate":
+            # "deflate" is meant to be zlib-wrapped, but some servers send it raw (as httpx does).
+            self._inflate = zlib.decompressobj(zlib.MAX_WBITS)
+            self._raw_deflate_fallback = True
+        # Any other single coding is passed through undecoded, as httpx does.
+
+    def feed(self, data: bytes) -> None:
+        self._raw += len(data)
+        if self._raw > self._limit:
+            raise _AnswerTooLarge
+        if self._inflate is None:
+            self._keep(data)
+            return
+        while data and not self._inflate.eof:  # bytes after the end of the stream are ignored
+            self._keep(self._decompress(data, self._limit - self._size + 1))
+            data = self._inflate.unconsumed_tail
+
+    def _decompress(self, data: bytes, max_length: int) -> bytes:
+        try:
+            piece: bytes = self._inflate.decompress(data, max_length)
+        except zlib.error:
+            if not self._raw_deflate_fallback:
+                raise
+            self._raw_deflate_fallback = False
+            self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+            piece = self._inflate.decompress(data, max_length)
+        self._raw_deflate_fallback = False
+        return piece
+
+    def _keep(self, piece: bytes) -> None:
+        self._size += len(piece)
+        if self._size > self._limit:
+            raise _AnswerTooLarge
+        self._chunks.append(piece)
+
+    def content(self) -> bytes:
+        return b"".join(self._chunks)
 
 
 def tls_context(base_url: str) -> ssl.SSLContext:
@@ -254,9 +332,10 @@ class RunnerApi:
             "Accept-Encoding": "gzip, deflate",
         }
         if api_key:
-            headers["Authorization"] = api_key
+            headers["Authorization"] = header_value(api_key, spaces=False)
         if workspace:
-            headers["Comet-Workspace"] = workspace
+            headers["Comet-Workspace"] = header_value(workspace, spaces=True)
+        self._scrub = Scrubber([api_key] if api_key else [])
         self._request_timeout = request_timeout
         self._poll_timeout = poll_timeout
         self._timeout = httpx.Timeout(request_timeout, connect=connect_timeout)
@@ -315,8 +394,13 @@ class RunnerApi:
         params: Mapping[str, str] | None = None,
         budget: float | None = None,
         conflict: type[Conflict] = Conflict,
+        limit: int = MAX_ANSWER_BYTES,
     ) -> httpx.Response:
-        """``budget``: how long the answer may take (a held request), else ``request_timeout``."""
+        """``budget``: how long the answer may take (a held request), else ``request_timeout``.
+
+        ``limit``: the most a 2xx body may hold, raw or decoded; a larger one is a
+        :class:`ProtocolError` (retryable), read no further than the limit.
+        """
         if budget is None:
             budget, extensions = self._request_timeout, self._timeout_extension
         else:
@@ -333,17 +417,44 @@ class RunnerApi:
         try:
             with anyio.fail_after(deadline):
                 response = await self._transport.handle_async_request(request)
-                response.request = request
                 try:
-                    await response.aread()
+                    content = await self._read(response, limit, f"{method} {path}")
                 finally:
                     await response.aclose()
         except TimeoutError:
             raise TransportError(f"{method} {path}: no complete answer within {deadline:.0f}s") from None
         except httpx.HTTPError as exc:
-            raise TransportError(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+            text = self._scrub(f"{type(exc).__name__}: {exc}")
+            raise TransportError(f"{method} {path}: {text}") from None
+        # The body now read, without the coding it no longer has.
+        headers = [(k, v) for k, v in response.headers.raw if k.lower() != b"content-encoding"]
+        response = httpx.Response(response.status_code, headers=headers, content=content, request=request)
         raise_for_status(response, conflict=conflict)
         return response
+
+    async def _read(self, response: httpx.Response, limit: int, what: str) -> bytes:
+        """The body, bounded. An error answer's is cut short (and cleared of our key: a proxy
+        may echo request headers), since only its first words are shown."""
+        success = 200 <= response.status_code < 300
+        body = _BoundedBody(
+            response.headers.get("Content-Encoding"), limit if success else MAX_ERROR_BODY_BYTES
+        )
+        try:
+            async for chunk in response.aiter_raw():
+                body.feed(chunk)
+        except _AnswerTooLarge:
+            if success:
+                raise ProtocolError(
+                    f"{what}: answer larger than {limit} bytes; refused", status=response.status_code
+                ) from None
+        except zlib.error:
+            if success:
+                raise ProtocolError(
+                    f"{what}: answer body does not decode", status=response.status_code
+                ) from None
+        if success:
+            return body.content()
+        return self._scrub(body.content().decode("utf-8", "replace")).encode()
 
     # --- the runner's side -------------------------------------------------------------
 
@@ -360,6 +471,7 @@ class RunnerApi:
             f"{RUNNERS_PATH}/{runner_id}/bridge/commands/next",
             content=body,
             budget=self._poll_timeout,
+            limit=max(1, max_commands) * POLL_BYTES_PER_COMMAND,
         )
         return _parse(PollResponse, response).commands
 
@@ -415,6 +527,7 @@ class RunnerApi:
             f"{RUNNERS_PATH}/{runner_id}/bridge/commands/{command_id}",
             params=params,
             budget=(wait or 0) + self._request_timeout,
+            limit=3 * POLL_BYTES_PER_COMMAND,  # args, result and error
         )
         return _parse(CommandRecord, response)
 
@@ -442,7 +555,11 @@ async def probe(url: str, timeout: float = 3.0) -> int | None:
     """The HTTP status of a GET (health checks); None when nothing answered."""
     try:
         with anyio.fail_after(timeout + 1):
-            async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
-                return (await client.get(url)).status_code
+            # Only the status matters: the body is never read, however large.
+            async with (
+                httpx.AsyncClient(timeout=timeout, trust_env=False) as client,
+                client.stream("GET", url) as response,
+            ):
+                return response.status_code
     except (httpx.HTTPError, TimeoutError):
         return None

@@ -55,11 +55,14 @@ def load(directory: Path) -> Credentials | None:
     """The stored credentials, None when nothing was paired; ``ConfigError`` when unusable."""
     path = directory / CREDENTIALS_FILE
     try:
-        document = json.loads(path.read_text())
+        document = json.loads(path.read_bytes())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"credentials: cannot read {path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"credentials: cannot read {path}: {exc.strerror}") from None
+    except ValueError:
+        # Not the decoder's message: it may quote a byte of the key.
+        raise ConfigError(f"credentials: {path} is not valid JSON; pair again") from None
     if not isinstance(document, dict) or not isinstance(document.get("runner_id"), str):
         raise ConfigError(f"credentials: {path} has no runner_id; pair again")
     key_text = document.get("bridge_key")
@@ -72,10 +75,19 @@ def load(directory: Path) -> Credentials | None:
 
 
 def read_key_file(path: Path) -> bytes:
+    """The key in a file; surrounding whitespace (a secret's trailing newline) is trimmed.
+
+    The file is read as bytes and checked as ASCII here, so no decoding error can quote a
+    byte of the key in a message.
+    """
     try:
-        return decode_bridge_key(path.read_text())
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"bridge_key_file: cannot read {path}: {exc.strerror}") from None
+    if not data.isascii():
+        raise ConfigError(f"bridge_key_file: {path}: the bridge key is not valid base64") from None
+    try:
+        return decode_bridge_key(data.decode("ascii"))
     except ValueError as exc:
         raise ConfigError(f"bridge_key_file: {path}: {exc}") from None
 

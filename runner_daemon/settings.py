@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import string
 import tomllib
 import uuid
 from collections.abc import Mapping
@@ -62,6 +63,10 @@ DEFAULT_DENY_WRITE_PATHS = (".git/",)
 # Environment variables that hold the daemon's own secrets; Exec's children never see them.
 SECRET_ENV_NAMES = ("OPIK_API_KEY", "RUNNER_DAEMON_API_KEY", "RUNNER_DAEMON_BRIDGE_KEY")
 
+# What a header value may hold once trimmed: visible ASCII, inner spaces for names only.
+_HEADER_TOKEN = re.compile(r"[!-~]*")
+_HEADER_TEXT = re.compile(r"[ -~]*")
+
 LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -89,6 +94,22 @@ class ExecSettings(BaseModel):
             except re.error as exc:
                 raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
         return patterns
+
+
+def header_value(value: str, *, spaces: bool) -> str:
+    """``value`` trimmed of surrounding whitespace, fit to be sent as an HTTP header.
+
+    A file or variable made from a file (``kubectl create secret --from-file``) often ends
+    in a newline: that is trimmed. What remains must be printable ASCII, inner spaces only
+    when ``spaces``; anything else would make every request fail, so it is refused here. The
+    ``ValueError`` never repeats the value, which may be a secret.
+    """
+    value = value.strip(string.whitespace)
+    allowed = _HEADER_TEXT if spaces else _HEADER_TOKEN
+    if not allowed.fullmatch(value):
+        what = "printable ASCII" if spaces else "printable ASCII without spaces"
+        raise ValueError(f"must be {what} once trimmed: it is sent as an HTTP header")
+    return value
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -165,6 +186,22 @@ class Settings(BaseModel):
         if not value.startswith(("http://", "https://")) or value[-3:] == "://":
             raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
         return value if value.endswith("/") else value + "/"
+
+    @field_validator("api_key")
+    @classmethod
+    def _check_api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        key = header_value(value.get_secret_value(), spaces=False)
+        return SecretStr(key) if key else None
+
+    @field_validator("workspace")
+    @classmethod
+    def _check_workspace(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        # Empty means not set, as it always did (no header is sent).
+        return header_value(value, spaces=True) or None
 
     @field_validator("state_directory", "bridge_key_file")
     @classmethod
