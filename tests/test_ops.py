@@ -162,7 +162,7 @@ async def test_sigterm_sends_stopping_from_a_real_process(
     env.update(NOTIFY_SOCKET=path, WATCHDOG_USEC="1000000")
     proc = daemons.spawn(env, "runner_daemon", "run")
     await until(lambda: bool(listener.with_key("READY")), 20)
-    await until(lambda: bool(listener.with_key("WATCHDOG")), 5)
+    await until(lambda: bool(listener.with_key("WATCHDOG")), 20)
     proc.send_signal(signal.SIGTERM)
     await finish(proc)
     assert proc.returncode == 0
