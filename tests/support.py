@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
@@ -28,7 +29,7 @@ FAST = {
     "heartbeat_interval_seconds": 0.3,
     "retry_initial_seconds": 0.02,
     "retry_max_seconds": 0.2,
-    "shutdown_grace_seconds": 2,
+    "shutdown_grace_seconds": 30,
     "request_timeout_seconds": 5,
     "poll_timeout_seconds": 10,
 }
@@ -95,6 +96,32 @@ class CountHandler(Handler[CountArgs]):
         finally:
             os.close(fd)
         return {"token": args.token}
+
+
+@dataclass
+class GateHandler(Handler[Args]):
+    """Stays in flight until the test opens the gate: no guess at how long a test needs.
+
+    Create it inside the test's event loop (it holds anyio events).
+    """
+
+    command_type: ClassVar[str] = "Gate"
+    args_model = Args
+    entered: anyio.Event = field(default_factory=anyio.Event)
+    gate: anyio.Event = field(default_factory=anyio.Event)
+    running: int = 0
+    peak: int = 0
+
+    async def run(self, args: Args, ctx: HandlerContext) -> dict[str, Any]:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        self.entered.set()
+        try:
+            with anyio.fail_after(60):
+                await self.gate.wait()
+        finally:
+            self.running -= 1
+        return {"gated": True}
 
 
 class BoomHandler(Handler[Args]):
@@ -255,3 +282,23 @@ async def command_status_is(api: RunnerApi, runner_id: str, command_id: str, sta
 
 async def runner_connected(api: RunnerApi, runner_id: str) -> bool:
     return (await api.get_runner(runner_id)).status == "connected"
+
+
+def started_in_journal(state_directory: Path) -> set[str]:
+    """Ids of the commands a daemon journalled as started (before their handlers ran).
+
+    Read while the daemon appends: a line still being written is skipped.
+    """
+    try:
+        data = (state_directory / "outbox.jsonl").read_bytes()
+    except FileNotFoundError:
+        return set()
+    ids = set()
+    for line in data.split(b"\n"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("op") == "started":
+            ids.add(str(record["id"]))
+    return ids

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
 from runner_daemon.cli import main
@@ -17,11 +16,12 @@ from runner_daemon.client import RunnerApi
 from runner_daemon.devserver.server import DevServer
 from tests.support import (
     DaemonProcesses,
-    command_status_is,
     daemon_environment,
     environ_without_settings,
     finish,
+    output,
     runner_connected,
+    started_in_journal,
     until,
     wait_terminal,
 )
@@ -174,9 +174,22 @@ def spawn_daemon(devserver: DevServer, workspace: Path, daemons: DaemonProcesses
     return spawn
 
 
-async def _wait_in_flight(api: RunnerApi, runner_id: str, command_id: str) -> None:
-    await until(lambda: command_status_is(api, runner_id, command_id, "picked_up"), 20)
-    await anyio.sleep(0.2)
+async def _wait_in_flight(state_directory: Path, command_id: str) -> None:
+    """Until the daemon journalled the command as started: its handler runs, so a stop
+    drains it (a command still on its way in would be reported cancelled, not run)."""
+    await until(lambda: command_id in started_in_journal(state_directory), 20)
+
+
+def _logged_stopping(proc: subprocess.Popen[str], reason: str) -> bool:
+    """The daemon has logged that it is stopping for ``reason`` (it handled the signal)."""
+    for line in output(proc)[1].splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line still being written
+        if str(record.get("event", "")).startswith("stopping") and record.get("reason") == reason:
+            return True
+    return False
 
 
 async def _wait_connected(api: RunnerApi, runner_id: str) -> None:
@@ -186,12 +199,13 @@ async def _wait_connected(api: RunnerApi, runner_id: str) -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_sigterm_drains_the_slow_command_and_exits_0(
-    spawn_daemon: object, api: RunnerApi, runner_id: str
+    spawn_daemon: object, api: RunnerApi, runner_id: str, tmp_path: Path
 ) -> None:
-    proc = spawn_daemon(runner_id)  # type: ignore[operator]
+    state = tmp_path / "state"
+    proc = spawn_daemon(runner_id, shutdown_grace_seconds=30, state_directory=state)  # type: ignore[operator]
     await _wait_connected(api, runner_id)
     command_id = await api.submit_command(runner_id, "Slow", {"seconds": 1.0, "marker": "drained.txt"})
-    await _wait_in_flight(api, runner_id, command_id)
+    await _wait_in_flight(state, command_id)
     proc.send_signal(signal.SIGTERM)
     record = await wait_terminal(api, runner_id, command_id)
     _, stderr = await finish(proc)
@@ -209,13 +223,17 @@ async def test_sigterm_drains_the_slow_command_and_exits_0(
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_second_signal_exits_at_once(spawn_daemon: object, api: RunnerApi, runner_id: str) -> None:
-    proc = spawn_daemon(runner_id, shutdown_grace_seconds=60)  # type: ignore[operator]
+async def test_second_signal_exits_at_once(
+    spawn_daemon: object, api: RunnerApi, runner_id: str, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    proc = spawn_daemon(runner_id, shutdown_grace_seconds=60, state_directory=state)  # type: ignore[operator]
     await _wait_connected(api, runner_id)
-    command_id = await api.submit_command(runner_id, "Slow", {"seconds": 60})
-    await _wait_in_flight(api, runner_id, command_id)
+    command_id = await api.submit_command(runner_id, "Slow", {"seconds": 60}, timeout_seconds=120)
+    await _wait_in_flight(state, command_id)
     proc.send_signal(signal.SIGTERM)
-    await anyio.sleep(0.3)
+    # Both pending at once, the kernel would deliver SIGINT first: wait until SIGTERM is handled.
+    await until(lambda: _logged_stopping(proc, "SIGTERM"), 20)
     proc.send_signal(signal.SIGINT)
     await finish(proc, 10)
     assert proc.returncode == 128 + signal.SIGINT

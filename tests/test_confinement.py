@@ -113,7 +113,7 @@ SEGMENTS = st.sampled_from(
 )
 
 
-@settings(max_examples=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(segments=st.lists(SEGMENTS, max_size=8), absolute=st.booleans())
 def test_random_paths_never_resolve_outside(jail: Workspace, segments: list[str], absolute: bool) -> None:
     path = "/".join(segments)
@@ -123,7 +123,7 @@ def test_random_paths_never_resolve_outside(jail: Workspace, segments: list[str]
 
 
 @given(st.text(max_size=40))
-@settings(max_examples=1000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_arbitrary_text_never_resolves_outside(jail: Workspace, path: str) -> None:
     assert outcome(jail, path) in {"inside", "path_traversal"}
 

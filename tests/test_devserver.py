@@ -23,6 +23,12 @@ from tests.support import command_status_is, until
 
 pytestmark = pytest.mark.anyio
 
+
+async def polls_open(api: RunnerApi, runner_id: str, count: int) -> bool:
+    """Whether the server is handling ``count`` polls of the runner right now."""
+    return bool((await api.dev_get(f"runners/{runner_id}/stats"))["polls_open"] == count)
+
+
 COMPLETED = ResultReport(status="completed", result={"ok": True}).model_dump_json().encode()
 
 
@@ -73,6 +79,7 @@ async def test_long_poll_holds_then_answers_empty(
     assert time.monotonic() - started >= 0.9  # the fixture's hold is 1 s
 
 
+@pytest.mark.parametrize("devserver_config", [DevServerConfig(poll_hold_seconds=60)])
 async def test_long_poll_returns_as_soon_as_a_command_arrives(api: RunnerApi, runner_id: str) -> None:
     await api.heartbeat(runner_id, ["bridge"])
     items: list[object] = []
@@ -80,10 +87,11 @@ async def test_long_poll_returns_as_soon_as_a_command_arrives(api: RunnerApi, ru
     async def poll() -> None:
         items.extend(await api.poll(runner_id, 5))
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(poll)
-        await anyio.sleep(0.2)
-        command_id = await api.submit_command(runner_id, "ReadFile", {"path": "a"}, timeout_seconds=7)
+    with anyio.fail_after(30):  # well before the hold ends
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(poll)
+            await until(lambda: polls_open(api, runner_id, 1))
+            command_id = await api.submit_command(runner_id, "ReadFile", {"path": "a"}, timeout_seconds=7)
     assert len(items) == 1
     item = items[0]
     assert isinstance(item, dict)
@@ -164,12 +172,24 @@ async def test_disconnect_fails_open_commands_then_404_and_410(api: RunnerApi, r
         assert info.value.status == 404
 
 
+class FakeClock:
+    """A monotonic clock that moves only when the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def test_heartbeat_revives_a_runner_whose_ttl_lapsed() -> None:
-    with DevServer(config=DevServerConfig(heartbeat_ttl_seconds=0.3)) as server:
+    clock = FakeClock()
+    with DevServer(config=DevServerConfig(heartbeat_ttl_seconds=15), clock=clock) as server:
         async with RunnerApi(server.url) as client:
             runner_id = await client.dev_create_runner()
             await client.heartbeat(runner_id, ["bridge"])
-            await anyio.sleep(0.5)
+            assert (await client.get_runner(runner_id)).status == "connected"
+            clock.now += 16
             assert (await client.get_runner(runner_id)).status == "disconnected"
             with pytest.raises(RunnerGone):
                 await client.submit_command(runner_id, "ReadFile", {"path": "a"})
@@ -177,14 +197,17 @@ async def test_heartbeat_revives_a_runner_whose_ttl_lapsed() -> None:
             assert (await client.get_runner(runner_id)).status == "connected"
 
 
+@pytest.mark.parametrize("devserver_config", [DevServerConfig(poll_hold_seconds=60)])
 async def test_a_poll_whose_client_hung_up_picks_nothing_up(api: RunnerApi, runner_id: str) -> None:
     await api.heartbeat(runner_id, ["bridge"])
-    with anyio.move_on_after(0.3):
-        await api.poll(runner_id, 5)
-    await anyio.sleep(0.1)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(api.poll, runner_id, 5)
+        await until(lambda: polls_open(api, runner_id, 1))
+        tg.cancel_scope.cancel()  # the client hangs up while the server holds its poll
+    await until(lambda: polls_open(api, runner_id, 0))  # the server saw it and ended the poll
     command_id = await api.submit_command(runner_id, "ReadFile", {"path": "a"})
-    await anyio.sleep(0.2)
     assert (await api.get_command(runner_id, command_id)).status == "pending"
+    assert (await api.dev_get(f"runners/{runner_id}/stats"))["polls"] == 1
 
 
 async def test_bad_capabilities_are_400(devserver: DevServer, runner_id: str) -> None:

@@ -265,8 +265,8 @@ async def test_a_handler_over_its_time_is_cancelled(workspace: Path) -> None:
     from tests.support import registry_for_tests
 
     command = BridgeCommand(
-        command_id="c2", type="Slow", args={"seconds": 5, "marker": "m"}, timeout_seconds=1
+        command_id="c2", type="Slow", args={"seconds": 60, "marker": "m"}, timeout_seconds=1
     )
-    with anyio.fail_after(3):
+    with anyio.fail_after(30):  # an executor that waited for the handler would take 60 s
         outcome = await executor_for(workspace, registry=registry_for_tests()).execute(command)
     assert error_of(outcome) == ("timeout", "Command timed out after 1s")

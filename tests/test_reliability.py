@@ -18,7 +18,6 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import pytest
 from runner_daemon.client import RunnerApi
 from runner_daemon.devserver.server import DevServer, DevServerConfig
 from runner_daemon.errors import ApiError
-from tests.support import DaemonProcesses, daemon_environment, finish, output, until
+from tests.support import DaemonProcesses, daemon_environment, finish, output, started_in_journal, until
 
 pytestmark = [
     pytest.mark.reliability,
@@ -241,22 +240,27 @@ async def test_daemon_sigkill_mid_command_then_restart(tmp_path: Path, daemons: 
     async with harness(tmp_path, daemons) as h:
         first = h.start_daemon()
         await h.ready()
-        ids = await h.submit(COMMANDS, seconds=1.0)
-        await anyio.sleep(1.0)  # mid-run: some done, some running, some waiting
+        # Mid-run at the kill: quick commands done, a few long ones running, the rest waiting.
+        # Fewer long ones than half the slots, so the daemon keeps polling while they run.
+        first_half = await h.submit(COMMANDS // 2)
+        long_ones = await h.submit(3, seconds=600)
+        ids = first_half + long_ones + await h.submit(COMMANDS - COMMANDS // 2 - len(long_ones))
 
-        async def a_batch_just_started() -> bool:
-            now = datetime.now(UTC)
-            running = [c for c in await h.commands() if c["status"] == "picked_up"]
-            started = [datetime.fromisoformat(c["picked_up_at"]) for c in running]
-            return any((now - at).total_seconds() < 0.2 for at in started)
+        async def long_ones_started() -> bool:
+            return set(long_ones) <= started_in_journal(h.state)
 
-        await until(a_batch_just_started)
+        await until(long_ones_started, 60)
         # Polls from now on are held before the server handles them, so the kill lands
-        # mid-command (that batch runs for another 0.7 s at least) and not while a poll answer
-        # is on its way: no runner can recover commands the server handed to a poll whose
-        # answer it never read (they stay picked up until the reaper).
+        # mid-command and not while a poll answer is on its way: no runner can recover
+        # commands the server handed to a poll whose answer it never read (they stay picked up
+        # until the reaper). Answers already on their way are read and journalled first.
         await h.api.dev_post("faults/profile", {"routes": ["poll"], "latency_ms": 600_000})
-        await anyio.sleep(0.1)  # answers already on their way are read and journalled
+
+        async def every_picked_up_command_journalled() -> bool:
+            picked_up = {c["command_id"] for c in await h.commands() if c["status"] == "picked_up"}
+            return picked_up >= set(long_ones) and picked_up <= started_in_journal(h.state)
+
+        await until(every_picked_up_command_journalled, 60)
         first.kill()
         await finish(first)
         await h.api.dev_post("faults/clear", {})
@@ -268,7 +272,7 @@ async def test_daemon_sigkill_mid_command_then_restart(tmp_path: Path, daemons: 
         codes = Counter(c["error"]["code"] for c in await h.commands() if c["error"])
     check(row)
     # The commands that were running are reported interrupted, never run again.
-    assert row.failed >= 1 and codes == {"interrupted": row.failed}
+    assert row.failed >= len(long_ones) and codes == {"interrupted": row.failed}
 
 
 async def test_sigterm_drain_then_restart(tmp_path: Path, daemons: DaemonProcesses) -> None:

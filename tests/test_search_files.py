@@ -460,7 +460,7 @@ async def test_slow_search_times_out_and_the_child_is_killed(
     code, message = error_of(outcome)
     assert code == "timeout"
     assert message.startswith("Search timed out")
-    assert outcome.duration_ms is not None and outcome.duration_ms < 5000
+    assert outcome.duration_ms is not None and outcome.duration_ms < 30000  # not the 30 s sleep
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # killed and reaped, not left running

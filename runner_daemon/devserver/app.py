@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -131,23 +132,27 @@ def build_app(state: DevState) -> Starlette:
         if runner.malformed and runner.malformed[0] in ANSWER_KINDS:
             return _malformed(runner.malformed.popleft(), [])
         taken = []
-        async with anyio.create_task_group() as tg:
+        runner.counters.polls_open += 1
+        try:
+            async with anyio.create_task_group() as tg:
 
-            async def watch_disconnect() -> None:
-                # A client that hung up must not have commands picked up on its behalf.
-                while (await request.receive())["type"] != "http.disconnect":
-                    pass
+                async def watch_disconnect() -> None:
+                    # A client that hung up must not have commands picked up on its behalf.
+                    while (await request.receive())["type"] != "http.disconnect":
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch_disconnect)
+                with anyio.move_on_after(config.poll_hold_seconds):
+                    while (
+                        not runner.removed
+                        and not state.closed.is_set()
+                        and not (taken := state.take_pending(runner_id, asked))
+                    ):
+                        await runner.submitted.wait()
                 tg.cancel_scope.cancel()
-
-            tg.start_soon(watch_disconnect)
-            with anyio.move_on_after(config.poll_hold_seconds):
-                while (
-                    not runner.removed
-                    and not state.closed.is_set()
-                    and not (taken := state.take_pending(runner_id, asked))
-                ):
-                    await runner.submitted.wait()
-            tg.cancel_scope.cancel()
+        finally:
+            runner.counters.polls_open -= 1
         state.runner(runner_id)  # disconnected while we held the request: 404
         items = [c.as_item() for c in taken]
         if items and runner.malformed:  # spoiled as it is sent, so a poll held meanwhile counts too
@@ -338,7 +343,9 @@ async def _first_of(*events: anyio.Event) -> None:
             tg.start_soon(wait, event)
 
 
-def make_app(config: DevServerConfig | None = None) -> tuple[FaultMiddleware, DevState]:
+def make_app(
+    config: DevServerConfig | None = None, clock: Callable[[], float] = time.monotonic
+) -> tuple[FaultMiddleware, DevState]:
     """The app with fault injection around it (the outermost layer, to reach the connection)."""
-    state = DevState(config or DevServerConfig())
+    state = DevState(config or DevServerConfig(), clock)
     return FaultMiddleware(build_app(state), state.injector), state

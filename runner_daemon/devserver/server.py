@@ -61,7 +61,8 @@ class DevServer:
 
     ``state_file``: load the state from it when serving starts (if it exists), write the
     state to it (atomically) when serving ends. ``faults``: a fault profile to start with
-    (replaces one loaded from the state file).
+    (replaces one loaded from the state file). ``clock``: the monotonic clock the state's
+    deadlines use (a test may pass a fake one).
     """
 
     def __init__(
@@ -72,8 +73,9 @@ class DevServer:
         *,
         state_file: Path | None = None,
         faults: FaultProfile | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        app, self.state = make_app(config)
+        app, self.state = make_app(config, clock)
         self.state_file = state_file
         self._faults = faults
         self.loaded = False  # whether serving started from a state file

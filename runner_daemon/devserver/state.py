@@ -85,6 +85,7 @@ class Signal:
 class RunnerCounters:
     heartbeats: int = 0
     polls: int = 0
+    polls_open: int = 0  # being handled now: a test sees when a poll it abandoned has ended
     max_commands_asked: list[int] = field(default_factory=list)
     reports_accepted: int = 0
     reports_conflict: int = 0
