@@ -9,6 +9,7 @@ very last step, so a secret cannot leak through an exception text or a third-par
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import sys
@@ -158,7 +159,7 @@ def configure_logging(
             _ScrubbingRenderer(renderer, secrets),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=lambda *_: _PrintLogger(stream),
         cache_logger_on_first_use=True,
     )
     # Our dependencies log through the stdlib: route that through the same pipeline, so it
@@ -168,6 +169,20 @@ def configure_logging(
     root.setLevel(logging.getLevelNamesMapping()[level.upper()])
     for noisy in ("httpx", "httpcore", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _PrintLogger(structlog.PrintLogger):
+    """Drops a line it cannot write instead of raising.
+
+    A terminal that was closed (SIGHUP, then EIO on every write) or a reader that went away
+    (EPIPE) must not turn the drain that the hang-up started into a crash (exit 1).
+    """
+
+    def msg(self, message: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            super().msg(message)
+
+    log = debug = info = warn = warning = fatal = failure = err = error = critical = exception = msg
 
 
 class _ToStructlog(logging.Handler):

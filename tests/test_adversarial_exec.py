@@ -419,3 +419,34 @@ async def test_exec_children_cannot_read_the_daemons_secrets(
             proc.wait(30)
         logs.close()
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_hang_up_of_a_closed_terminal_still_drains_and_exits_0(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+) -> None:
+    """The terminal is gone before SIGHUP arrives: every log line now fails with EIO."""
+    main, terminal = os.openpty()
+    env = daemon_environment(devserver.url, runner_id, workspace, log_format="console")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.slow_daemon"],
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
+    )
+    try:
+        os.close(terminal)
+        await until(lambda: runner_connected(api, runner_id), 20)
+        os.close(main)  # the terminal window closes
+        command_id = await api.submit_command(runner_id, "ReadFile", {"path": "README.md"})
+        record = await wait_terminal(api, runner_id, command_id, 20)
+        assert record.status == "completed"  # logging into the void did not stop the work
+        proc.send_signal(signal.SIGHUP)
+        await finish(proc, 60)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
