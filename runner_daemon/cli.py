@@ -242,7 +242,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail_config(exc)
     print(f"# effective settings of {PROG} {__version__}; secrets are masked")
-    print(settings_as_toml(settings.model_dump(mode="json")), end="")
+    print(scrub(settings_as_toml(settings.model_dump(mode="json")), settings.secret_values()), end="")
     return ExitStatus.OK
 
 

@@ -13,6 +13,7 @@ import os
 import re
 import string
 import tomllib
+import urllib.parse
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -226,8 +227,10 @@ class Settings(BaseModel):
         return self
 
     def secret_values(self) -> tuple[str, ...]:
-        """The raw secrets, so log output can be scrubbed of them."""
-        return tuple(s.get_secret_value() for s in (self.api_key,) if s is not None)
+        """The raw secrets, so log output can be scrubbed of them (a password in the URL too)."""
+        values = [s.get_secret_value() for s in (self.api_key,) if s is not None]
+        password = urllib.parse.urlsplit(self.url).password
+        return tuple(values + ([password] if password else []))
 
 
 def load_settings(

@@ -65,3 +65,16 @@ def test_values_from_the_environment_are_validated_like_any_other(tmp_path: Path
         load_settings(None, {"workspace_root": tmp_path}, env)
     settings = load_settings(None, {"workspace_root": tmp_path}, {"RUNNER_DAEMON_READ_ONLY": "yes"})
     assert settings.read_only is True
+
+
+def test_a_password_in_the_url_is_a_secret_to_scrub() -> None:
+    settings = load_settings(None, {"url": "https://user:hunter2-long-password@opik.example/api/"})
+    assert "hunter2-long-password" in settings.secret_values()
+
+
+def test_check_config_masks_a_password_in_the_url(capsys: pytest.CaptureFixture[str]) -> None:
+    from runner_daemon.cli import main
+
+    assert main(["check-config", "--url", "https://user:hunter2-long-password@opik.example/api/"]) == 0
+    printed = capsys.readouterr().out
+    assert "hunter2-long-password" not in printed and "opik.example" in printed
