@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     for step in (
         (BIN / "ruff", "check", "runner_daemon", "tests", "tasks.py"),
         (BIN / "ruff", "format", "--check", "runner_daemon", "tests", "tasks.py"),
-        (BIN / "mypy", "runner_daemon"),
+        (BIN / "mypy", "runner_daemon", "tests"),
         (BIN / "pytest", *rest),
     ):
         print(

@@ -53,27 +53,6 @@ class SlowHandler(Handler[SlowArgs]):
         return {"slept": args.seconds}
 
 
-@dataclass
-class ProbeHandler(Handler[SlowArgs]):
-    """Records how many of its commands run at the same time."""
-
-    command_type: ClassVar[str] = "Probe"
-    args_model = SlowArgs
-    running: int = 0
-    peak: int = 0
-    executions: int = 0
-
-    async def run(self, args: SlowArgs, ctx: HandlerContext) -> dict[str, Any]:
-        self.running += 1
-        self.executions += 1
-        self.peak = max(self.peak, self.running)
-        try:
-            await anyio.sleep(args.seconds)
-        finally:
-            self.running -= 1
-        return {"ok": True}
-
-
 class CountArgs(Args):
     token: str
     seconds: float = 0.0

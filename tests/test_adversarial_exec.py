@@ -435,6 +435,7 @@ async def test_a_hang_up_of_a_closed_terminal_still_drains_and_exits_0(
         stdin=subprocess.DEVNULL,
         stdout=terminal,
         stderr=terminal,
+        text=True,
     )
     try:
         os.close(terminal)

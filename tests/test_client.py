@@ -138,7 +138,7 @@ async def test_pooled_connections_use_the_stream_with_a_cheap_readability_check(
         await client.get_runner(runner_id)
         pool = client._transport._pool
         (connection,) = pool.connections
-        stream = connection._connection._network_stream
+        stream = connection._connection._network_stream  # type: ignore[attr-defined]
         assert isinstance(stream, _Stream)
         assert stream.get_extra_info("is_readable") is False  # idle and open
         assert (await client.get_runner(runner_id)).id == runner_id

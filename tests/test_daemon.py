@@ -187,7 +187,8 @@ async def test_disconnect_mid_run_stops_with_the_documented_status(
     async with running_daemon(make_settings(devserver.url, runner_id, workspace)) as running:
         await api.disconnect(runner_id)
         await until(lambda: running.daemon.state == "stopped", 10)
-    assert running.exit_status == ExitStatus.DISCONNECTED == 69
+    assert running.exit_status == ExitStatus.DISCONNECTED
+    assert int(ExitStatus.DISCONNECTED) == 69
     assert running.daemon.fatal_error is not None
 
 

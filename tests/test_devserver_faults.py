@@ -384,7 +384,8 @@ async def test_restart_keeps_runners_commands_and_results(tmp_path: Path) -> Non
             await until(lambda: command_status_is(api, runner_id, quick, "timed_out"), 10)
             # Later commands are still signed with the kept bridge key.
             later = await api.submit_command(runner_id, "ReadFile", {"path": "l"})
-            assert "_hmac" in (await api.get_command(runner_id, later)).args
+            later_args = (await api.get_command(runner_id, later)).args
+            assert later_args is not None and "_hmac" in later_args
             commands = await listed(api, runner_id)
             assert [commands[c]["status"] for c in (quick, done, pending, later)] == [
                 "timed_out",

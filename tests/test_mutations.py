@@ -125,11 +125,12 @@ async def test_deny_lists_are_configurable(workspace: Path) -> None:
 
 
 async def test_read_only_refuses_every_mutation(workspace: Path) -> None:
-    for command_type, args in [
+    cases: list[tuple[str, dict[str, Any]]] = [
         ("WriteFile", {"path": "a.txt", "content": "x"}),
         ("EditFile", {"path": "README.md", "edits": [{"old_string": "title", "new_string": "t"}]}),
         ("Exec", {"command": "touch pwned"}),
-    ]:
+    ]
+    for command_type, args in cases:
         outcome = await run(workspace, command_type, args, read_only=True)
         assert code_of(outcome) == "read_only"
         assert outcome.error is not None and command_type in outcome.error.message

@@ -220,6 +220,7 @@ async def test_health_endpoints_through_the_daemons_life(
             gated.gate.set()
             assert (await wait_terminal(api, runner_id, slow)).status == "completed"
         assert status == [ExitStatus.OK]
+        assert port is not None
         assert await _get(port, "/healthz") is None  # the listener closed with the daemon
     assert 'runner_daemon_commands_total{status="completed",type="ReadFile"} 1.0' in metrics
     assert 'runner_daemon_command_duration_seconds_count{type="ReadFile"} 1.0' in metrics
