@@ -26,6 +26,7 @@ from typing import Any, Self, TypeVar
 import anyio
 import httpcore
 import httpx
+import pydantic_core
 from pydantic import BaseModel, ValidationError
 
 from runner_daemon import __version__
@@ -126,8 +127,10 @@ def retry_after_seconds(response: httpx.Response, now: float | None = None) -> f
 def _error_text(response: httpx.Response) -> str:
     """A short description from Opik's ``{"errors": [...]}`` or ``{"message": ...}`` bodies."""
     try:
-        body = response.json()
-    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past Python's stack
+        # pydantic's parser, not json.loads: CPython 3.11's C decoder, on "[[[[..." nested past
+        # the stack, raises a RecursionError that leaves the interpreter's depth count wrong.
+        body = pydantic_core.from_json(response.content)
+    except ValueError:
         return response.text[:200] or response.reason_phrase
     if isinstance(body, dict):
         errors = body.get("errors")

@@ -127,6 +127,12 @@ def uses_json(log_format: LogFormat, stream: TextIO) -> bool:
     return log_format == "json"
 
 
+# Loggers keep their configuration from their first use (a measurable saving per line);
+# the test suite turns it off, so a logger first used in one test does not keep that test's
+# stream for the rest of the session.
+CACHE_LOGGERS = True
+
+
 def configure_logging(
     level: LogLevel = "info",
     log_format: LogFormat = "auto",
@@ -160,7 +166,7 @@ def configure_logging(
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         logger_factory=lambda *_: _PrintLogger(stream),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=CACHE_LOGGERS,
     )
     # Our dependencies log through the stdlib: route that through the same pipeline, so it
     # is formatted and scrubbed alike. httpx logs every request at INFO: per-poll noise.

@@ -46,6 +46,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import pydantic_core
 import structlog
 
 from runner_daemon.errors import ConfigError, JournalUnavailable
@@ -193,7 +194,7 @@ class Outbox:
             if not line.strip():
                 continue
             try:
-                self._apply(json.loads(line))
+                self._apply(pydantic_core.from_json(line))  # see client._error_text
             except Exception:  # anything unusable is skipped: a start must never crash-loop
                 skipped += 1
         if skipped:

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
+from runner_daemon import logs
 from runner_daemon.client import RunnerApi
 from runner_daemon.devserver.server import DevServer, DevServerConfig
 from tests.support import DaemonProcesses
@@ -25,6 +28,15 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if key.startswith(("RUNNER_DAEMON_", "OPIK_")) or key in ("STATE_DIRECTORY", "XDG_STATE_HOME"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Whatever a test configured logging with (a stream it then closes) ends with the test."""
+    monkeypatch.setattr(logs, "CACHE_LOGGERS", False)
+    yield
+    structlog.reset_defaults()
+    logging.getLogger().handlers = []
 
 
 @pytest.fixture

@@ -440,7 +440,7 @@ async def test_a_huge_error_answer_keeps_its_meaning() -> None:
     def respond(request: Request) -> Iterable[bytes]:
         if request.path.endswith(POLL):
             return _endless(request)
-        # Nested deeper than Python's stack: json.loads raises RecursionError on it.
+        # Nested deeper than any parser allows (json.loads would raise RecursionError).
         return json_answer(b"[" * 200_000, status=503)
 
     with HostileServer(respond) as server:
