@@ -13,7 +13,9 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -27,11 +29,15 @@ from runner_daemon.client import RunnerApi, probe
 from runner_daemon.daemon import Daemon, ExitStatus
 from runner_daemon.errors import ApiError, ConfigError, describe_validation_error
 from runner_daemon.handlers import HandlerRegistry, discover
+from runner_daemon.handlers.base import HandlerServices
+from runner_daemon.handlers.exec import child_environment
 from runner_daemon.hardening import forbid_inspection
 from runner_daemon.logs import Secret, configure_logging, scrub
 from runner_daemon.notify import Notifier
 from runner_daemon.outbox import Outbox, Recovered
+from runner_daemon.sandbox import SandboxPolicy, SandboxSupport, protected_entries, sandbox_for
 from runner_daemon.settings import SECRET_ENV_NAMES, Settings, load_settings, parse_listen
+from runner_daemon.workspace import Workspace
 
 PROG = "runner-daemon"
 # Flags that map one-to-one onto settings keys.
@@ -95,10 +101,11 @@ async def serve(
     bridge_key: bytes | None,
     outbox: Outbox,
     recovered: Recovered,
+    services: HandlerServices,
 ) -> int:
     notifier = Notifier.from_environ(os.environ)
     async with RunnerApi.from_settings(settings) as api:
-        daemon = Daemon(settings, api, registry, outbox, bridge_key, notifier, recovered)
+        daemon = Daemon(settings, api, registry, outbox, bridge_key, notifier, recovered, services)
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch_signals, daemon)
             status = await daemon.run()
@@ -117,21 +124,39 @@ def start_daemon(settings: Settings, registry: HandlerRegistry) -> int:
     configure_logging(settings.log_level, settings.log_format, secrets)
     forbid_inspection()
     try:
+        sandbox, support, left_out = sandbox_for(settings)
         outbox, recovered = Outbox.open(settings.state_directory)
     except ConfigError as exc:
         return _fail_config(exc)
+    log_sandbox(sandbox, support, left_out)
+    services = HandlerServices(bridge_key=bridge_key, sandbox=sandbox)
     if bridge_key is None:
         structlog.get_logger("runner_daemon").warning(
             "accepting unsigned commands (allow_unsigned_commands = true): anyone with the API key "
             "can run commands here"
         )
     try:
-        return anyio.run(serve, settings, registry, bridge_key, outbox, recovered)
+        return anyio.run(serve, settings, registry, bridge_key, outbox, recovered, services)
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     except Exception:
         structlog.get_logger("runner_daemon").exception("the daemon failed unexpectedly")
         return ExitStatus.FAILURE
+
+
+def log_sandbox(sandbox: SandboxPolicy | None, support: SandboxSupport, left_out: list[str]) -> None:
+    """One line at start: what confines the processes commands start, and what cannot."""
+    logger = structlog.get_logger("runner_daemon")
+    if sandbox is None:
+        logger.warning('exec sandbox off ([exec] sandbox = "off"): commands run with the daemon\'s rights')
+        return
+    logger.info(
+        "exec sandbox: Landlock",
+        abi=support.abi,
+        not_enforced_here=list(support.missing),
+        network=sandbox.network,
+        left_out=left_out,
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -241,9 +266,53 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         settings = _settings_from(args)
     except ConfigError as exc:
         return _fail_config(exc)
+    try:
+        sandbox, support, left_out = sandbox_for(settings)
+    except ConfigError as exc:
+        return _fail_config(exc)
     print(f"# effective settings of {PROG} {__version__}; secrets are masked")
+    if sandbox is None:
+        print("# exec sandbox: off (commands run with the daemon's rights)")
+    else:
+        print(f"# exec sandbox: {support.describe()}")
+        if left_out:
+            print(
+                f"# exec sandbox: derived paths left out (home, or holding the state): {', '.join(left_out)}"
+            )
     print(scrub(settings_as_toml(settings.model_dump(mode="json")), settings.secret_values()), end="")
     return ExitStatus.OK
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    """Run one command under the rules Exec's commands get, to see what it can and cannot do."""
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not command:
+        _print_error("sandbox: give a command to run, e.g. runner-daemon sandbox -- cat ~/.ssh/id_ed25519")
+        return ExitStatus.USAGE
+    try:
+        settings = _settings_from(args)
+        sandbox, support, _ = sandbox_for(settings)
+    except ConfigError as exc:
+        return _fail_config(exc)
+    if sandbox is None:
+        _print_error('sandbox: [exec] sandbox = "off": commands run unconfined')
+        return ExitStatus.CONFIG
+    workspace = Workspace(settings.workspace_root, settings.deny_paths, settings.deny_write_paths)
+    protected = protected_entries(workspace) if sandbox.protection else []
+    with tempfile.TemporaryDirectory(prefix="runner-daemon-cmd-") as temporary:
+        policy = sandbox.allowing_writes(Path(temporary)).protecting(*protected)
+        print(
+            f"{PROG} sandbox: {support.describe()}\n"
+            f"  read and execute: {' '.join(policy.read)}\n"
+            f"  also write: {' '.join(policy.write)}\n"
+            f"  read-only inside the workspace: {' '.join(policy.protected) or '-'}\n"
+            f"  TCP connect: {'allowed' if policy.network else 'denied'}; TCP bind: denied",
+            file=sys.stderr,
+            flush=True,
+        )
+        env = {**child_environment(settings), "TMPDIR": temporary}
+        done = subprocess.run(policy.wrap(command), cwd=settings.workspace_root, env=env, check=False)
+    return done.returncode
 
 
 def _toml_value(value: Any) -> str:
@@ -360,6 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate and print the effective settings")
     _add_setting_flags(check)
     check.set_defaults(func=cmd_check_config)
+
+    confined = sub.add_parser(
+        "sandbox", help="run one command as Exec would (sandboxed), to see what it can and cannot do"
+    )
+    _add_setting_flags(confined)
+    confined.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD...", help="the command")
+    confined.set_defaults(func=cmd_sandbox)
 
     dev = sub.add_parser("devserver", help="serve the Opik-compatible dev server")
     dev.add_argument("--host", default="127.0.0.1")

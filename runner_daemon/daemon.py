@@ -19,6 +19,7 @@ from runner_daemon.backoff import Backoff
 from runner_daemon.client import RunnerApi
 from runner_daemon.errors import ApiError, RateLimited, RunnerGone, Unauthorized
 from runner_daemon.handlers import HandlerRegistry
+from runner_daemon.handlers.base import HandlerServices
 from runner_daemon.loop import BridgeLoop, LoopStats
 from runner_daemon.models import BRIDGE_CAPABILITY
 from runner_daemon.notify import Notifier
@@ -57,6 +58,7 @@ class Daemon:
         bridge_key: bytes | None = None,
         notifier: Notifier | None = None,
         recovered: Recovered | None = None,
+        services: HandlerServices | None = None,
     ) -> None:
         if settings.runner_id is None:
             raise ValueError("the daemon needs a runner_id")
@@ -72,6 +74,7 @@ class Daemon:
             on_fatal=self._fatal,
             on_contact=self._contact,
             outbox=outbox,
+            services=services,
             bridge_key=bridge_key,
         )
         self._recovered = recovered or Recovered([], [])

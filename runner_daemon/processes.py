@@ -230,6 +230,8 @@ class BackgroundProcess:
     popen: subprocess.Popen[bytes]
     log_file: Path
     reaper: threading.Thread
+    # The command's private temporary folder (sandboxed): removed once its group is gone.
+    temporary: Path | None = None
 
     @property
     def pid(self) -> int:
@@ -260,8 +262,7 @@ class BackgroundProcesses:
     def running(self) -> list[BackgroundProcess]:
         """The processes that still occupy a slot; finished ones are forgotten."""
         live = {pid: entry for pid, entry in self._entries.items() if entry.alive()}
-        for pid in self._entries.keys() - live.keys():
-            self.watcher.forget(pid)
+        self._forget_ended([entry for pid, entry in self._entries.items() if pid not in live])
         self._entries = live
         return list(self._entries.values())
 
@@ -275,13 +276,15 @@ class BackgroundProcesses:
 
     def start(
         self,
-        command: str,
+        argv: Sequence[str],
         *,
         cwd: Path,
         env: Mapping[str, str],
         limit: int,
+        temporary: Path | None = None,
     ) -> BackgroundProcess:
-        """Spawn ``bash -c command`` with output to a new log file, or ``limit_reached``.
+        """Spawn ``argv`` (see :func:`background_argv`) with output to a new log file, or
+        ``limit_reached``.
 
         Synchronous on purpose: between the limit check and the registration there is no
         await, so concurrent commands cannot both take the last slot.
@@ -294,7 +297,7 @@ class BackgroundProcesses:
         fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             popen = subprocess.Popen(
-                _background_argv(command),
+                list(argv),
                 cwd=cwd,
                 env=dict(env),
                 stdin=subprocess.DEVNULL,
@@ -309,7 +312,7 @@ class BackgroundProcesses:
             os.close(fd)
         reaper = threading.Thread(target=_reap, args=(popen,), name=f"exec-reaper-{popen.pid}", daemon=True)
         reaper.start()
-        entry = BackgroundProcess(popen, log_file, reaper)
+        entry = BackgroundProcess(popen, log_file, reaper, temporary)
         self._entries[popen.pid] = entry
         self.watcher.watch(popen.pid)
         return entry
@@ -337,6 +340,8 @@ class BackgroundProcesses:
         for entry in entries:
             if not entry.alive():
                 self.watcher.forget(entry.pid)
+                if entry.temporary is not None:
+                    shutil.rmtree(entry.temporary, ignore_errors=True)
 
 
 async def _terminate(entries: Sequence[BackgroundProcess], grace: float) -> None:
@@ -364,7 +369,7 @@ async def _terminate(entries: Sequence[BackgroundProcess], grace: float) -> None
         log.exception("terminating background processes failed")
 
 
-def _background_argv(command: str) -> list[str]:
+def background_argv(command: str) -> list[str]:
     # Line-buffered stdout (as Opik does) so the log file shows output as it happens.
     if shutil.which("stdbuf") is not None:
         return ["stdbuf", "-oL", "bash", "-c", command]

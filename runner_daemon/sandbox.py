@@ -29,6 +29,8 @@ from pathlib import Path
 from runner_daemon import sandbox_exec
 from runner_daemon.errors import ConfigError
 from runner_daemon.sandbox_exec import landlock_abi
+from runner_daemon.settings import Settings
+from runner_daemon.workspace import Workspace
 
 # Read and execute: the system. /proc is readable as a whole (tools read /proc/cpuinfo,
 # /proc/self/...); what is private in another process's entry (environ, mem, maps, fds)
@@ -39,6 +41,10 @@ DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom",
 # Files under /etc that are often symlinks elsewhere (/run/systemd/resolve/...): their
 # targets must be readable for name resolution and time zones to work.
 LINKED_FILES = ("/etc/resolv.conf", "/etc/hosts", "/etc/localtime", "/etc/nsswitch.conf")
+
+# In the home folder, readable: git's own configuration, without which git refuses to run
+# ("unknown error occurred while reading the configuration files").
+HOME_CONFIG = (".gitconfig", ".config/git")
 
 # What an ABI lacks, for the start-up line and check-config.
 _MISSING_BY_ABI = (
@@ -84,8 +90,10 @@ class SandboxPolicy:
     read: tuple[str, ...]
     write: tuple[str, ...]
     network: bool = True
-    # Inside writable folders, yet read-only (bind-mounted so): the workspace's .git.
+    # Inside writable folders, yet read-only (bind-mounted so): the workspace's .git; and
+    # whether this machine can do that (mount namespaces allowed).
     protected: tuple[str, ...] = ()
+    protection: bool = False
     launcher: tuple[str, ...] = field(default=(sys.executable, "-I", "-S", sandbox_exec.__file__))
 
     def allowing_writes(self, *paths: Path) -> SandboxPolicy:
@@ -151,10 +159,13 @@ def build_policy(
     read: list[str] = list(SYSTEM_PATHS)
     for path in derived:
         real = _real(path)
-        if real == home or real == Path("/") or _holds(real, state):
+        if real == Path("/"):
+            continue  # the parent of /bin and /sbin: never a toolchain's prefix
+        if real == home or _holds(real, state):
             left_out.append(str(real))
         elif str(real) not in read:
             read.append(str(real))
+    read += [str(home / name) for name in HOME_CONFIG]
     read += [str(Path(p).expanduser()) for p in read_paths]
     write = [str(_real(workspace)), *(str(Path(p).expanduser()) for p in write_paths), *DEVICES]
     return SandboxPolicy(tuple(dict.fromkeys(read)), tuple(dict.fromkeys(write)), network), sorted(
@@ -181,3 +192,41 @@ def _real(path: Path) -> Path:
 
 def _holds(outer: Path, inner: Path) -> bool:
     return outer == inner or outer in inner.parents
+
+
+def sandbox_for(settings: Settings) -> tuple[SandboxPolicy | None, SandboxSupport, list[str]]:
+    """The Exec policy the settings ask for (None when off), what the kernel supports, and
+    the derived paths left out; :class:`ConfigError` when Landlock is asked for but missing."""
+    support = SandboxSupport.probe(check_protection=settings.exec.sandbox == "landlock")
+    if settings.exec.sandbox == "off":
+        return None, support, []
+    if support.abi == 0:
+        raise ConfigError(
+            'exec: sandbox = "landlock" but this kernel has no Landlock (Linux 5.13+ with landlock in '
+            'its LSM list); set [exec] sandbox = "off" (RUNNER_DAEMON_EXEC__SANDBOX=off) to run '
+            "commands unconfined"
+        )
+    policy, left_out = build_policy(
+        workspace=settings.workspace_root,
+        state_directory=settings.state_directory,
+        read_paths=settings.exec.read_paths,
+        write_paths=settings.exec.write_paths,
+        network=settings.exec.network,
+    )
+    return replace(policy, protection=support.protects), support, left_out
+
+
+def protected_entries(workspace: Workspace) -> list[Path]:
+    """The workspace's top-level entries its write deny-list covers (``.git``), to keep read-only.
+
+    Only the top level: a per-command walk of the whole tree would cost more than the rule
+    is worth; nested ones (a submodule's ``.git``) stay writable to Exec.
+    """
+    try:
+        with os.scandir(workspace.root) as entries:
+            names = [entry.name for entry in entries if not entry.is_symlink()]
+    except OSError:
+        return []
+    return [
+        workspace.root / name for name in sorted(names) if workspace.denied(workspace.root / name, write=True)
+    ]

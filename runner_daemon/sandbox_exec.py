@@ -188,10 +188,10 @@ def make_read_only(paths: list[str]) -> None:
 def _add_path(libc: ctypes.CDLL, ruleset: int, path: str, rights: int) -> None:
     try:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return  # a path the policy names but this machine lacks: nothing to allow
-    except OSError as exc:
-        raise SandboxError(f"cannot open {path}: {exc.strerror}") from None
+    except OSError:
+        # Missing here, or out of this user's reach (another user's home folder on PATH):
+        # there is nothing to allow, and leaving it out only denies more.
+        return
     try:
         if not stat.S_ISDIR(os.fstat(fd).st_mode):
             rights &= FILE_RIGHTS

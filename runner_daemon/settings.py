@@ -85,6 +85,13 @@ class ExecSettings(BaseModel):
     # More environment variable names to remove from the child's environment.
     secret_env: tuple[str, ...] = ()
     max_background: int = Field(5, ge=0, le=64)
+    # The kernel sandbox of every process Exec (and SearchFiles' git) starts; see sandbox.py.
+    sandbox: Literal["landlock", "off"] = "landlock"
+    # Whether sandboxed commands may open TCP connections (builds fetch packages).
+    network: bool = True
+    # More folders sandboxed commands may read (and execute), or also write: a package cache.
+    read_paths: tuple[str, ...] = ()
+    write_paths: tuple[str, ...] = ()
 
     @field_validator("deny_patterns")
     @classmethod

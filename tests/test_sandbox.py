@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from runner_daemon.client import RunnerApi
+from runner_daemon.devserver.server import DevServer
 from runner_daemon.errors import ConfigError
 from runner_daemon.sandbox import SandboxPolicy, SandboxSupport, build_policy
+from tests.support import DaemonProcesses, daemon_environment, finish, runner_connected, until, wait_terminal
 
 SUPPORT = SandboxSupport.probe()
 needs_landlock = pytest.mark.skipif(SUPPORT.abi < 1, reason=SUPPORT.describe())
@@ -23,7 +30,7 @@ def place(tmp_path: Path) -> dict[str, Path]:
         path.mkdir()
     (paths["home"] / ".ssh").mkdir()
     (paths["home"] / ".ssh" / "id_ed25519").write_text("FAKE PRIVATE KEY\n")
-    (paths["state"] / "credentials.json").write_text('{"bridge_key": "secret"}')
+    (paths["state"] / "private.json").write_text("state secret")
     (paths["other"] / "notes.txt").write_text("another project\n")
     return paths
 
@@ -76,11 +83,11 @@ def test_outside_the_workspace_a_command_reads_only_the_system_and_writes_nothin
     policy = policy_for(place)
     denied = {
         "a key in the home folder": f"cat {place['home']}/.ssh/id_ed25519",
-        "the daemon's state": f"cat {place['state']}/credentials.json",
+        "the daemon's state": f"cat {place['state']}/private.json",
         "another project": f"cat {place['other']}/notes.txt",
         "a write outside": f"echo x > {place['other']}/planted.txt",
         "listing the temporary folder": f"ls {place['ws'].parent}",
-        "python opening the state": f"python3 -c 'open(\"{place['state']}/credentials.json\").read()'",
+        "python opening the state": f"python3 -c 'open(\"{place['state']}/private.json\").read()'",
     }
     for what, script in denied.items():
         done = run(policy, script, place["ws"])
@@ -157,3 +164,89 @@ def test_a_protected_folder_inside_the_workspace_is_read_only(place: dict[str, P
     assert run(policy, "cat .git/HEAD && echo y > beside.txt", place["ws"]).returncode == 0
     assert (git / "HEAD").read_text() == "ref: refs/heads/main\n" and not (git / "new").exists()
     assert (place["ws"] / "beside.txt").exists()
+
+
+# --- a real daemon in the foreground, its Exec commands sandboxed ----------------------------
+
+ATTACKS = {
+    "read a key in the home folder": "cat $HOME/.ssh/id_ed25519",
+    "write outside the workspace": "echo x > {other}/planted.txt && cat {other}/planted.txt",
+    "signal the daemon": "kill -0 {daemon_pid} && echo signalled",
+    "python opens the daemon's state": "python3 -c 'print(open(\"{state}/outbox.jsonl\").read())'",
+    "follow a planted symlink": "ln -s $HOME/.ssh/id_ed25519 planted && cat planted",
+    "read another project": "cat {other}/notes.txt",
+}
+WORKS = {
+    "write in the workspace": "echo hi > made.txt && cat made.txt",
+    "python": "python3 -c 'print(6 * 7)'",
+    "git status": "git init -q . 2>/dev/null; git status --short >/dev/null && echo git-ok",
+    "list the system": "ls /usr/bin >/dev/null && echo listed",
+    "a private temporary folder": 'echo t > "$TMPDIR/t" && cat "$TMPDIR/t"',
+}
+
+
+@needs_landlock
+@pytest.mark.anyio
+@pytest.mark.adversarial
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("sandbox", ["landlock", "off"])
+async def test_a_real_daemon_confines_what_exec_runs(
+    place: dict[str, Path],
+    devserver: DevServer,
+    api: RunnerApi,
+    runner_id: str,
+    daemons: DaemonProcesses,
+    sandbox: str,
+) -> None:
+    env = daemon_environment(
+        devserver.url, runner_id, place["ws"], state_directory=place["state"], exec__sandbox=sandbox
+    )
+    env["HOME"] = str(place["home"])
+    daemon = daemons.spawn(env)
+    await until(lambda: runner_connected(api, runner_id), 20)
+    names = {"other": place["other"], "state": place["state"], "daemon_pid": daemon.pid}
+
+    async def run_exec(script: str, background: bool = False) -> Any:
+        args: dict[str, Any] = {"command": script.format(**names), "background": background}
+        command_id = await api.submit_command(runner_id, "Exec", args)
+        record = await wait_terminal(api, runner_id, command_id, 30)
+        assert record.status == "completed", record
+        return record.result
+
+    attacks = {what: await run_exec(script) for what, script in ATTACKS.items()}
+    # A background process that tries the same later, after its command was answered.
+    await run_exec(f"sleep 1; cat $HOME/.ssh/id_ed25519 > {place['ws']}/stolen.txt 2>&1", True)
+    works = {what: await run_exec(script) for what, script in WORKS.items()}
+    await until((place["ws"] / "stolen.txt").exists, 20)
+    stolen = (place["ws"] / "stolen.txt").read_text()
+    daemon.send_signal(signal.SIGTERM)
+    await finish(daemon, 60)
+    for what, result in works.items():
+        assert result["exit_code"] == 0, (what, result)
+    if sandbox == "landlock":
+        for what, result in attacks.items():
+            assert result["exit_code"] != 0, (what, result)
+            assert re.search(r"Permission denied|not permitted|PermissionError", result["stderr"]), what
+        assert "FAKE PRIVATE KEY" not in stolen and "Permission denied" in stolen
+        assert not (place["other"] / "planted.txt").exists()
+    else:  # the same commands without the sandbox: the difference is the sandbox's, not the machine's
+        assert all(result["exit_code"] == 0 for result in attacks.values()), attacks
+        assert "FAKE PRIVATE KEY" in stolen
+    assert daemon.returncode == 0  # and the daemon was not signalled
+
+
+@needs_landlock
+def test_the_sandbox_command_shows_what_a_command_can_do(place: dict[str, Path]) -> None:
+    env = {**os.environ, "HOME": str(place["home"]), "RUNNER_DAEMON_STATE_DIRECTORY": str(place["state"])}
+    cli = [sys.executable, "-m", "runner_daemon", "sandbox", "--workspace-root", str(place["ws"]), "--"]
+    denied = subprocess.run(
+        [*cli, "cat", str(place["home"] / ".ssh" / "id_ed25519")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr
+    assert "Landlock ABI" in denied.stderr and "TCP bind: denied" in denied.stderr
+    allowed = subprocess.run([*cli, "ls", "/usr/bin"], env=env, capture_output=True, text=True, check=False)
+    assert allowed.returncode == 0 and "bash" in allowed.stdout

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from runner_daemon.errors import CommandFailed
 from runner_daemon.fileio import AnchoredDir, FileLocks
 from runner_daemon.processes import BackgroundProcesses
+from runner_daemon.sandbox import SandboxPolicy
 from runner_daemon.settings import Settings
 from runner_daemon.workspace import Workspace
 
@@ -42,6 +43,8 @@ class HandlerServices:
     background: BackgroundProcesses = field(default_factory=BackgroundProcesses)
     # The bridge key, so Exec keeps it (in any encoding) out of its children's environment.
     bridge_key: bytes | None = field(default=None, repr=False)
+    # The kernel sandbox for the processes commands start; None with [exec] sandbox = "off".
+    sandbox: SandboxPolicy | None = None
 
     async def aclose(self) -> None:
         """Release what commands left behind: terminate background process groups.

@@ -18,9 +18,11 @@ import base64
 import math
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import urllib.parse
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +36,12 @@ from runner_daemon.handlers.base import Args, Handler, HandlerContext
 from runner_daemon.processes import (
     BackgroundProcess,
     GroupWatcher,
+    background_argv,
     group_alive,
     kill_process_group,
     poll_until,
 )
+from runner_daemon.sandbox import protected_entries
 from runner_daemon.settings import SECRET_ENV_NAMES, ExecSettings, Settings
 
 MAX_OUTPUT_BYTES = 512 * 1024
@@ -228,7 +232,7 @@ class ExecArgs(Args):
 
 
 async def run_foreground(
-    command: str, cwd: Path, env: Mapping[str, str], timeout: int, watcher: GroupWatcher
+    argv: Sequence[str], cwd: Path, env: Mapping[str, str], timeout: int, watcher: GroupWatcher
 ) -> dict[str, Any]:
     """Run to completion within ``timeout`` seconds, or kill the process group.
 
@@ -239,7 +243,7 @@ async def run_foreground(
     with anyio.CancelScope(shield=True):  # never lose the handle of a child just spawned
         try:
             process = await anyio.open_process(
-                ["bash", "-c", command],
+                list(argv),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -307,10 +311,12 @@ def _startup_wait() -> float:
     return max(0.0, min(STARTUP_WAIT_SECONDS, remaining - DEADLINE_MARGIN_SECONDS))
 
 
-async def run_background(command: str, ctx: HandlerContext, env: Mapping[str, str]) -> dict[str, Any]:
+async def run_background(
+    argv: Sequence[str], ctx: HandlerContext, env: Mapping[str, str], temporary: Path | None
+) -> dict[str, Any]:
     registry = ctx.services.background
     entry: BackgroundProcess = registry.start(
-        command, cwd=ctx.workspace.root, env=env, limit=ctx.settings.exec.max_background
+        argv, cwd=ctx.workspace.root, env=env, limit=ctx.settings.exec.max_background, temporary=temporary
     )
     try:
         # Returns early when the process exits; its exit code is set by the reaper thread.
@@ -341,12 +347,34 @@ class ExecHandler(Handler[ExecArgs]):
     async def run(self, args: ExecArgs, ctx: HandlerContext) -> dict[str, Any]:
         check_policy(args.command, ctx.settings.exec)
         env = child_environment(ctx.settings, bridge_key=ctx.services.bridge_key)
+        argv = background_argv(args.command) if args.background else ["bash", "-c", args.command]
+        temporary = None
+        if ctx.services.sandbox is not None:
+            temporary, argv = await ctx.in_thread(confine, argv, ctx)
+            env["TMPDIR"] = str(temporary)
         if args.background:
-            return await run_background(args.command, ctx, env)
+            # The folder goes when the process group is gone (see BackgroundProcesses).
+            return await run_background(argv, ctx, env, temporary)
         # The loop's own deadline may come first; it then cancels us and reports the timeout.
         timeout = args.timeout if args.timeout is not None else DEFAULT_TIMEOUT_SECONDS
         watcher = ctx.services.background.watcher
-        return await run_foreground(args.command, ctx.workspace.root, env, timeout, watcher)
+        try:
+            return await run_foreground(argv, ctx.workspace.root, env, timeout, watcher)
+        finally:
+            if temporary is not None:
+                with anyio.CancelScope(shield=True):
+                    await ctx.in_thread_to_completion(shutil.rmtree, temporary, True)
+
+
+def confine(argv: list[str], ctx: HandlerContext) -> tuple[Path, list[str]]:
+    """A private temporary folder, and ``argv`` under the sandbox with it writable and the
+    workspace's write-denied entries (``.git``) read-only. Blocking: run in a worker thread."""
+    assert ctx.services.sandbox is not None
+    temporary = Path(tempfile.mkdtemp(prefix="runner-daemon-cmd-"))
+    policy = ctx.services.sandbox.allowing_writes(temporary)
+    if policy.protection:
+        policy = policy.protecting(*protected_entries(ctx.workspace))
+    return temporary, policy.wrap(argv)
 
 
 HANDLER = ExecHandler()

@@ -51,6 +51,7 @@ from runner_daemon.errors import CommandFailed
 from runner_daemon.fileio import AnchoredDir, NotRegularFile, open_regular, open_subfolder
 from runner_daemon.handlers.base import Args, Handler, HandlerContext, existing_folder
 from runner_daemon.handlers.exec import child_environment
+from runner_daemon.sandbox import SandboxPolicy
 from runner_daemon.workspace import SKIP_DIRS, Workspace
 
 MAX_MATCHES = 100
@@ -436,12 +437,15 @@ async def run_git(
     cwd: Path,
     env: dict[str, str],
     on_stdout: Callable[[bytes], Awaitable[None]],
+    sandbox: SandboxPolicy | None,
 ) -> GitRun:
-    """Run git to completion, streaming stdout into ``on_stdout``.
+    """Run git to completion, streaming stdout into ``on_stdout``; in the sandbox, read-only.
 
     If this is cancelled (our time limit, the command's deadline, the daemon stopping) or
     fails, the child is killed and reaped before the exception propagates.
     """
+    if sandbox is not None:
+        argv = sandbox.without_writes().wrap(argv)
     with anyio.CancelScope(shield=True):  # never lose the handle of a child just spawned
         process = await anyio.open_process(
             argv,
@@ -480,7 +484,7 @@ async def run_git(
 def git_environment(ctx: HandlerContext) -> dict[str, str]:
     """The Exec child environment (no daemon secrets), aimed at the workspace's repository,
     with untranslated messages so errors can be told apart."""
-    env = child_environment(ctx.settings)
+    env = child_environment(ctx.settings, bridge_key=ctx.services.bridge_key)
     for name in (*GIT_LOCATION_ENV, "LANGUAGE"):
         env.pop(name, None)
     env["LC_ALL"] = "C.UTF-8"  # PCRE in UTF-8 mode, as Python's str patterns; falls back to C
@@ -500,7 +504,11 @@ async def find_git_work_tree(ctx: HandlerContext, env: dict[str, str]) -> str | 
     with anyio.move_on_after(GIT_PROBE_SECONDS):
         try:
             probe = await run_git(
-                [git, "rev-parse", "--is-inside-work-tree"], ctx.workspace.root, env, collect
+                [git, "rev-parse", "--is-inside-work-tree"],
+                ctx.workspace.root,
+                env,
+                collect,
+                ctx.services.sandbox,
             )
         except OSError:
             return None  # not executable after all
@@ -537,7 +545,7 @@ async def git_search(git: str, pattern: str, pathspec: str, env: dict[str, str],
         await ctx.in_thread(parser.feed, chunk, ctx)
 
     try:
-        done = await run_git(argv, ctx.workspace.root, env, parse)
+        done = await run_git(argv, ctx.workspace.root, env, parse, ctx.services.sandbox)
     except OSError as exc:
         raise CommandFailed("search_failed", f"Could not run git grep: {exc.strerror}") from None
     if done.status == 1:
