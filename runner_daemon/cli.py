@@ -219,8 +219,8 @@ async def _pair(settings: Settings, args: argparse.Namespace) -> int:
                 ttl_seconds=args.ttl,
             )
         except ApiError as exc:
-            _print_error(f"could not start pairing: {exc}", settings.secret_values())
-            return ExitStatus.FAILURE
+            _print_error(f"could not start pairing: {exc}; try again", settings.secret_values())
+            return ExitStatus.PAIRING_EXPIRED
         print(
             f"Open this link in a browser where you are signed in to Opik:\n\n  {pending.link}\n", flush=True
         )
@@ -248,6 +248,17 @@ async def _pair(settings: Settings, args: argparse.Namespace) -> int:
     print(f"\npaired runner {pending.runner_id}; credentials saved to {path}", flush=True)
     print("start it with: runner-daemon run", flush=True)
     return ExitStatus.OK
+
+
+def _pairing_ttl(text: str) -> int:
+    """``--ttl``: refused with one line, not a list of every allowed value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
+    if not 60 <= value <= 600:
+        raise argparse.ArgumentTypeError(f"{value} is not between 60 and 600")
+    return value
 
 
 def terminal_qr(text: str) -> str:
@@ -478,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--name", default=f"{socket.gethostname()}-runner-daemon", help="the runner's name in Opik"
     )
     pair.add_argument(
-        "--ttl", type=int, default=300, choices=range(60, 601), metavar="60-600", help="seconds"
+        "--ttl", type=_pairing_ttl, default=300, metavar="60-600", help="seconds the link is valid (300)"
     )
     pair.set_defaults(func=cmd_pair)
 

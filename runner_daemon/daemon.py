@@ -42,7 +42,7 @@ class ExitStatus(enum.IntEnum):
     FAILURE = 1
     USAGE = 2
     DISCONNECTED = 69  # EX_UNAVAILABLE: the server dropped this runner; re-pair, don't restart
-    PAIRING_EXPIRED = 75  # EX_TEMPFAIL: nobody approved the pairing in time; try again
+    PAIRING_EXPIRED = 75  # EX_TEMPFAIL: pairing expired, or Opik unreachable; try again
     UNAUTHORIZED = 77  # EX_NOPERM: the API key or workspace was refused
     CONFIG = 78  # EX_CONFIG
     # A second signal exits at once with 128 + the signal number (130 for Ctrl-C).
@@ -299,8 +299,9 @@ class Daemon:
         self.fatal_error = exc
         if isinstance(exc, RunnerGone):
             log.error(
-                f"runner {self._runner_id} is no longer connected to Opik; pair a runner again "
-                "(Opik UI or `opik connect`) and restart runner-daemon with the new runner id",
+                f"runner {self._runner_id} is no longer connected to Opik; pair again with "
+                "`runner-daemon pair --project-id <id>` (against the dev server: POST /dev/runners) "
+                "and restart runner-daemon with the new runner id",
                 error=str(exc),
                 exit_status=int(ExitStatus.DISCONNECTED),
             )

@@ -252,3 +252,19 @@ async def test_disconnected_runner_process_exits_69_with_a_clear_line(
     errors = [json.loads(line) for line in stderr.splitlines() if '"level": "error"' in line]
     assert len(errors) == 1
     assert "pair a runner again" in errors[0]["event"]
+
+
+def test_pair_against_an_unreachable_server_exits_75_and_ttl_is_checked_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    project = "0d7c8e3a-0000-4000-8000-000000000001"
+    status = main(
+        ["pair", "--project-id", project, "--url", "http://127.0.0.1:9/", "--state-directory", str(tmp_path)]
+    )
+    assert status == 75
+    assert "could not start pairing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pair", "--project-id", project, "--ttl", "30"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "30 is not between 60 and 600" in err and "61" not in err
