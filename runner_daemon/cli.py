@@ -420,10 +420,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+# The setting flags that mean something to `pair` (it neither runs commands nor polls).
+PAIR_FLAGS = ("url", "state_directory", "log_format", "log_level")
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, keys: Iterable[str] = SETTING_FLAGS) -> None:
     parser.add_argument("--config", type=Path, help="TOML settings file (see config/runner-daemon.toml)")
-    for key, help_text in SETTING_FLAGS.items():
-        parser.add_argument("--" + key.replace("_", "-"), dest=key, help=help_text)
+    for key in keys:
+        parser.add_argument("--" + key.replace("_", "-"), dest=key, help=SETTING_FLAGS[key])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -449,8 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     confined.set_defaults(func=cmd_sandbox)
 
     dev = sub.add_parser("devserver", help="serve the Opik-compatible dev server")
-    dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=5173)
+    dev.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    dev.add_argument("--port", type=int, default=5173, help="port to listen on (5173)")
     dev.add_argument("--poll-hold-seconds", type=float, default=30.0)
     dev.add_argument("--heartbeat-ttl-seconds", type=float, default=15.0)
     dev.add_argument("--reaper-interval-seconds", type=float, default=5.0)
@@ -482,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.set_defaults(func=cmd_health)
 
     pair = sub.add_parser("pair", help="pair this machine with an Opik project (once)")
-    _add_setting_flags(pair)
+    _add_setting_flags(pair, PAIR_FLAGS)
     pair.add_argument("--project-id", required=True, type=uuid.UUID, help="the Opik project's id")
     pair.add_argument("--project-name", help="the project's name, shown on the pairing page")
     pair.add_argument(
