@@ -251,7 +251,7 @@ async def test_disconnected_runner_process_exits_69_with_a_clear_line(
     assert proc.returncode == 69
     errors = [json.loads(line) for line in stderr.splitlines() if '"level": "error"' in line]
     assert len(errors) == 1
-    assert "pair a runner again" in errors[0]["event"]
+    assert "runner-daemon pair" in errors[0]["event"]
 
 
 def test_pair_against_an_unreachable_server_exits_75_and_ttl_is_checked_in_one_line(
