@@ -9,6 +9,7 @@ python3 tasks.py devserver   # the Opik-compatible dev server on 127.0.0.1:5173
 from __future__ import annotations
 
 import hashlib
+import signal
 import subprocess
 import sys
 import venv
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / "bin"
 STAMP = VENV / ".installed"
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def ensure_venv() -> None:
@@ -37,7 +39,23 @@ def ensure_venv() -> None:
 
 
 def run(*argv: str | Path) -> int:
-    return subprocess.run([str(a) for a in argv], cwd=ROOT, check=False).returncode
+    """Run a step; a SIGTERM, SIGINT or SIGHUP sent to this script goes to the step too, and
+    the script waits for it, so stopping `tasks.py devserver` stops the server.
+
+    The step has a process group of its own, so a Ctrl-C or a hang-up of the terminal reaches
+    it once, through this script, not twice (a second signal means "exit now" to the daemon).
+    """
+    child = subprocess.Popen([str(a) for a in argv], cwd=ROOT, process_group=0)
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED}
+    try:
+        return child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def main(argv: list[str]) -> int:
