@@ -4,7 +4,7 @@ Every party runs in a process of its own, so their costs never mix:
 
 - the dev server, started by :func:`serve_devserver` in a child (``python -c``); its limits
   (pending commands, submissions per minute, how long finished commands are kept) are raised
-  for the bench through the ``RUNNER_DAEMON_BENCH_DEVSERVER`` variable, read only here;
+  for the bench through the ``RD_BENCH_DEVSERVER`` variable, read only here;
 - the daemon, ``python -m runner_daemon run`` configured by ``RUNNER_DAEMON_*`` variables,
   with a ``NOTIFY_SOCKET`` this process listens on to time spawn-to-``READY=1``;
 - with ``--compare opik``, Opik's own ``BridgePollLoop`` in a driver (:data:`OPIK_DRIVER`),
@@ -51,7 +51,7 @@ from runner_daemon import __version__
 
 RunnerKind = Literal["runner-daemon", "opik"]
 
-DEVSERVER_ENV = "RUNNER_DAEMON_BENCH_DEVSERVER"
+DEVSERVER_ENV = "RD_BENCH_DEVSERVER"
 LISTENING = "Opik-compatible dev server listening on "
 # Opik's own hold; the bench keeps it so an idle runner long-polls as it would in production.
 POLL_HOLD_SECONDS = 30.0

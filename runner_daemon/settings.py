@@ -8,6 +8,7 @@ Nothing reads the environment after :func:`load_settings` returns.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -280,8 +281,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     """``RUNNER_DAEMON_<FIELD>`` and ``RUNNER_DAEMON_<TABLE>__<FIELD>``, names in any case.
 
-    Variables naming no setting are ignored (other tools share the prefix); empty ones too.
-    Lists and tables are given as JSON (``RUNNER_DAEMON_DENY_PATHS='[".env"]'``).
+    A variable with the prefix that names no setting is an error, as an unknown key in the
+    file is: a typo must not be ignored silently. Empty ones are ignored. Lists and tables
+    are given as JSON (``RUNNER_DAEMON_DENY_PATHS='[".env"]'``).
     """
     values: dict[str, Any] = {}
     for name, raw in environ.items():
@@ -289,15 +291,31 @@ def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
         field = _field(Settings, path[0])
-        if field is None:
-            continue
-        if len(path) == 2 and _is_model(field.annotation):
-            inner = _field(field.annotation, path[1])
-            if inner is not None:
-                _merge(values, {path[0]: {path[1]: _decode(name, raw, inner.annotation)}})
-        elif len(path) == 1:
+        table = field is not None and len(path) == 2 and _is_model(field.annotation)
+        inner = _field(field.annotation, path[1]) if field is not None and table else None
+        if field is not None and len(path) == 1:
             _merge(values, {path[0]: _decode(name, raw, field.annotation)})
+        elif inner is not None:
+            _merge(values, {path[0]: {path[1]: _decode(name, raw, inner.annotation)}})
+        else:
+            guess = difflib.get_close_matches(name.upper(), environment_names(), n=1)
+            hint = f"; did you mean {guess[0]}?" if guess else ""
+            raise ConfigError(f"{name}: no such setting{hint}")
     return values
+
+
+def environment_names() -> list[str]:
+    """Every ``RUNNER_DAEMON_*`` name a setting answers to."""
+    names = []
+    for key, field in Settings.model_fields.items():
+        names.append(f"{ENV_PREFIX}{key}".upper())
+        if _is_model(field.annotation):
+            names += [f"{ENV_PREFIX}{key}__{inner}".upper() for inner in _model_fields(field.annotation)]
+    return names
+
+
+def _model_fields(model: Any) -> list[str]:
+    return list(model.model_fields)
 
 
 def _field(model: Any, name: str) -> FieldInfo | None:

@@ -38,18 +38,15 @@ def test_bad_json_in_the_environment_names_the_variable(tmp_path: Path) -> None:
         load_settings(None, {"workspace_root": tmp_path}, {"RUNNER_DAEMON_DENY_PATHS": ".env"})
 
 
-def test_empty_and_unknown_variables_are_ignored(tmp_path: Path) -> None:
-    env = {
-        "RUNNER_DAEMON_MAX_CONCURRENCY": "",
-        "RUNNER_DAEMON_BENCH_DEVSERVER": "{}",  # another tool's variable with our prefix
-        "RUNNER_DAEMON_EXEC__NO_SUCH_KEY": "1",
-        "RUNNER_DAEMON_URL__X": "1",
-        "OPIK_WORKSPACE": "",
-    }
+def test_empty_variables_are_ignored_and_unknown_ones_refused(tmp_path: Path) -> None:
+    env = {"RUNNER_DAEMON_MAX_CONCURRENCY": "", "OPIK_WORKSPACE": ""}
     settings = load_settings(None, {"workspace_root": tmp_path}, env)
     assert settings.max_concurrency == 10
     assert settings.workspace is None
     assert settings.deny_paths == DEFAULT_DENY_PATHS
+    for name in ("RUNNER_DAEMON_EXEC__NO_SUCH_KEY", "RUNNER_DAEMON_URL__X", "RUNNER_DAEMON_NOPE"):
+        with pytest.raises(ConfigError, match=f"{name}: no such setting"):
+            load_settings(None, {"workspace_root": tmp_path}, {name: "1"})
 
 
 def test_unknown_keys_in_the_file_are_refused(tmp_path: Path) -> None:
@@ -78,3 +75,15 @@ def test_check_config_masks_a_password_in_the_url(capsys: pytest.CaptureFixture[
     assert main(["check-config", "--url", "https://user:hunter2-long-password@opik.example/api/"]) == 0
     printed = capsys.readouterr().out
     assert "hunter2-long-password" not in printed and "opik.example" in printed
+
+
+def test_a_mistyped_environment_variable_is_an_error_with_a_suggestion() -> None:
+    with pytest.raises(
+        ConfigError,
+        match="RUNNER_DAEMON_MAX_CONCURENCY: no such setting; did you mean RUNNER_DAEMON_MAX_CONCURRENCY",
+    ):
+        load_settings(None, environ={"RUNNER_DAEMON_MAX_CONCURENCY": "3"})
+    with pytest.raises(ConfigError, match="RUNNER_DAEMON_EXEC__SANDBOXX: no such setting; did you mean"):
+        load_settings(None, environ={"RUNNER_DAEMON_EXEC__SANDBOXX": "off"})
+    settings = load_settings(None, environ={"RUNNER_DAEMON_EXEC__SANDBOX": "off", "RUNNER_DAEMON_EMPTY": ""})
+    assert settings.exec.sandbox == "off"
