@@ -282,6 +282,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail_config(exc)
     print(f"# effective settings of {PROG} {__version__}; secrets are masked")
+    try:
+        # What `run` would use: the paired runner's id and key too (the key masked).
+        settings, bridge_key = credentials.resolve(settings)
+    except ConfigError as exc:
+        print(f"# credentials: {scrub(str(exc), settings.secret_values())} (run would exit 78)")
+    else:
+        if bridge_key is None:
+            print("# bridge key: none (allow_unsigned_commands = true: commands are not verified)")
+        else:
+            source = settings.bridge_key_file or settings.state_directory / credentials.CREDENTIALS_FILE
+            print(f"# bridge key: *** (from {source})")
     if sandbox is None:
         print("# exec sandbox: off (commands run with the daemon's rights)")
     else:

@@ -268,3 +268,18 @@ def test_pair_against_an_unreachable_server_exits_75_and_ttl_is_checked_in_one_l
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "30 is not between 60 and 600" in err and "61" not in err
+
+
+def test_check_config_shows_the_paired_runner_and_masks_its_key(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from runner_daemon import credentials
+    from runner_daemon.auth import encode_bridge_key
+
+    runner_id = "0d7c8e3a-0000-4000-8000-000000000002"
+    key = b"k" * 32
+    credentials.store(tmp_path, credentials.Credentials(runner_id, key, "http://localhost:5173/api/"))
+    assert main(["check-config", "--state-directory", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f'runner_id = "{runner_id}"' in out and "# bridge key: *** (from" in out
+    assert encode_bridge_key(key) not in out
