@@ -87,7 +87,8 @@ def raise_for_status(
     status = response.status_code
     if status < 300:
         return
-    message = f"HTTP {status} from {response.request.method} {response.request.url.path}: "
+    url = response.request.url
+    message = f"HTTP {status} from {response.request.method} {url.scheme}://{url.netloc.decode()}{url.path}: "
     message += _error_text(response)
     if status == 404:
         raise RunnerGone(message, status=status)
@@ -430,10 +431,12 @@ class RunnerApi:
                 finally:
                     await response.aclose()
         except TimeoutError:
-            raise TransportError(f"{method} {path}: no complete answer within {deadline:.0f}s") from None
+            raise TransportError(
+                f"{method} {self._base}{path}: no complete answer within {deadline:.0f}s"
+            ) from None
         except httpx.HTTPError as exc:
             text = self._scrub(f"{type(exc).__name__}: {exc}")
-            raise TransportError(f"{method} {path}: {text}") from None
+            raise TransportError(f"{method} {self._base}{path}: {text}") from None
         raise_for_status(response, conflict=conflict)
         return response
 

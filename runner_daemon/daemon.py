@@ -28,6 +28,8 @@ from runner_daemon.settings import Settings
 
 log = structlog.get_logger("runner_daemon.daemon")
 
+# While Opik cannot be reached, a reminder this often (the first failure is logged at once).
+OUTAGE_SUMMARY_SECONDS = 300.0
 # A poll loop that has not moved for its poll timeout plus this long is stuck.
 LOOP_STALL_SLACK_SECONDS = 15.0
 
@@ -161,6 +163,8 @@ class Daemon:
     async def _startup(self) -> bool:
         """Send the first heartbeat (it declares the bridge capability) before any poll."""
         backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
+        first_failure: float | None = None
+        last_summary = 0.0
         with anyio.CancelScope() as self._startup_scope:
             while not self._stop_requested:
                 try:
@@ -170,9 +174,27 @@ class Daemon:
                     return False
                 except ApiError as exc:
                     delay = exc.retry_after if isinstance(exc, RateLimited) else backoff.next_delay()
-                    log.warning("cannot reach Opik yet; retrying", error=str(exc), retry_in=round(delay, 2))
+                    now = time.monotonic()
+                    # One line when it starts, one every few minutes while it lasts: not one a retry.
+                    if first_failure is None:
+                        first_failure = last_summary = now
+                        log.warning("cannot reach Opik yet; retrying", error=str(exc), url=self._settings.url)
+                    elif now - last_summary >= OUTAGE_SUMMARY_SECONDS:
+                        last_summary = now
+                        log.warning(
+                            "still cannot reach Opik; retrying",
+                            error=str(exc),
+                            attempts=backoff.attempts,
+                            for_seconds=round(now - first_failure),
+                        )
                     await anyio.sleep(delay)
                 else:
+                    if first_failure is not None:
+                        log.info(
+                            "Opik answered",
+                            after_attempts=backoff.attempts,
+                            after_seconds=round(time.monotonic() - first_failure, 1),
+                        )
                     self._contact()
                     # What start-up built lives as long as the daemon: out of the collector's
                     # sight, a full collection takes microseconds instead of 10-20 ms (the

@@ -376,3 +376,22 @@ async def test_commands_beyond_what_was_asked_are_answered_without_running(
         assert record.error is not None and record.error.code == "cancelled"
         assert "more commands than this runner asked for" in record.error.message
     assert executions(workspace) == ["t0"]
+
+
+async def test_an_unreachable_opik_at_start_is_one_line_naming_the_url_then_one_on_recovery(
+    devserver: DevServer,
+    api: RunnerApi,
+    runner_id: str,
+    workspace: Path,
+    state: Path,
+    daemons: DaemonProcesses,
+) -> None:
+    await api.dev_post("faults", {"route": "heartbeat", "status": 503, "count": 8})
+    daemon = daemons.spawn(daemon_environment(devserver.url, runner_id, workspace, state_directory=state))
+    await until(lambda: ready(daemon), 30)
+    await stop(daemon)
+    lines = events(daemon)
+    failing = [e for e in lines if "reach Opik" in e["event"]]
+    assert len(failing) == 1 and devserver.url.rstrip("/") in failing[0]["error"]
+    recovered = [e for e in lines if e["event"] == "Opik answered"]
+    assert len(recovered) == 1 and recovered[0]["after_attempts"] == 8
