@@ -27,7 +27,7 @@ import structlog
 from runner_daemon import __version__, credentials, pairing
 from runner_daemon.client import RunnerApi, probe
 from runner_daemon.daemon import Daemon, ExitStatus
-from runner_daemon.errors import ApiError, ConfigError, describe_validation_error
+from runner_daemon.errors import ApiError, ConfigError, Unauthorized, describe_validation_error
 from runner_daemon.handlers import HandlerRegistry, discover
 from runner_daemon.handlers.base import HandlerServices
 from runner_daemon.handlers.exec import child_environment
@@ -218,6 +218,9 @@ async def _pair(settings: Settings, args: argparse.Namespace) -> int:
                 workspace=settings.workspace,
                 ttl_seconds=args.ttl,
             )
+        except Unauthorized as exc:
+            _print_error(f"could not start pairing: {exc}", settings.secret_values())
+            return ExitStatus.UNAUTHORIZED
         except ApiError as exc:
             _print_error(f"could not start pairing: {exc}; try again", settings.secret_values())
             return ExitStatus.PAIRING_EXPIRED

@@ -275,7 +275,7 @@ def test_pair_prints_no_key_an_error_quotes(
             ["pair", "--url", server.url, "--project-id", str(uuid.uuid4()), "--log-format", "json"]
         )
     captured = capsys.readouterr()
-    assert status == 75  # pairing could not start: try again
+    assert status == 77  # the key was refused
     assert "could not start pairing: HTTP 401" in captured.err
     assert not _leaks(captured.out + captured.err, _encodings(key))
 
