@@ -85,6 +85,7 @@ class Daemon:
         self.last_contact: float | None = None
         self.fatal_error: ApiError | None = None
         self._stop_requested = False
+        self._stop_reason: str | None = None  # shown in STATUS= from the stop on
         self._drain_deadline: float | None = None  # on anyio's clock, once a stop was requested
         self._forced_by: int | None = None
         self._root: anyio.CancelScope | None = None
@@ -111,7 +112,8 @@ class Daemon:
             in_flight=self.loop.in_flight,
             grace_seconds=grace,
         )
-        self.notifier.stopping(f"stopping ({reason}): {self.loop.in_flight} commands in flight")
+        self._stop_reason = reason
+        self.notifier.stopping(self._status_line())
         self.loop.stop_polling(poll_grace=grace)
         if self._startup_scope is not None:
             self._startup_scope.cancel()
@@ -250,7 +252,7 @@ class Daemon:
                 return
             except ApiError as exc:
                 failures += 1
-                self.stats.last_error = str(exc)
+                self.stats.note_error(exc)
                 level = log.warning if failures == 1 else log.debug
                 level("heartbeat failed", error=str(exc), failures=failures)
             else:
@@ -301,11 +303,13 @@ class Daemon:
         return self.state == "running" and not self._stop_requested and self.contact_fresh()
 
     def _status_line(self) -> str:
+        """What is true now: the stop once asked for, and an error only until Opik answers again."""
         stats = self.stats
-        line = f"{self.state}: {stats.completed + stats.failed} commands run, {self.loop.in_flight} in flight"
+        state = f"stopping ({self._stop_reason})" if self._stop_reason else self.state
+        line = f"{state}: {stats.completed + stats.failed} commands run, {self.loop.in_flight} in flight"
         if not self.contact_fresh():
             line += "; server not answering"
-        if stats.last_error:
+        if stats.last_error and stats.last_error_at > (self.last_contact or 0.0):
             line += f"; last error: {stats.last_error[:120]}"
         return line
 
@@ -334,7 +338,8 @@ class Daemon:
                 exit_status=int(ExitStatus.UNAUTHORIZED),
             )
         self._stop_requested = True
-        self.notifier.stopping(f"stopping: {exc}")
+        self._stop_reason = "Opik refused this runner" if isinstance(exc, Unauthorized) else "runner gone"
+        self.notifier.stopping(self._status_line())
         self.loop.stop_polling()
         self.loop.cancel_in_flight()  # their results could not be delivered anyway
         if self._startup_scope is not None:

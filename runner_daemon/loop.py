@@ -78,11 +78,16 @@ class LoopStats:
     report_retries: int = 0
     poll_errors: int = 0
     last_error: str | None = None
+    last_error_at: float = 0.0  # monotonic
     by_code: dict[str, int] = field(default_factory=dict)
     # (command type, status) -> count; durations per command type as histogram buckets.
     outcomes: dict[tuple[str, str], int] = field(default_factory=dict)
     duration_buckets: dict[str, list[int]] = field(default_factory=dict)
     duration_sums: dict[str, float] = field(default_factory=dict)
+
+    def note_error(self, exc: ApiError) -> None:
+        self.last_error = str(exc)
+        self.last_error_at = time.monotonic()
 
     def record(self, command_type: str, outcome: Outcome) -> None:
         if outcome.status == "completed":
@@ -282,7 +287,7 @@ class Reporter:
 
     def _note_retry(self, bound: Any, exc: ApiError, delay: float, attempt: int) -> None:
         self._stats.report_retries += 1
-        self._stats.last_error = str(exc)
+        self._stats.note_error(exc)
         bound.warning("report failed; retrying", error=str(exc), retry_in=round(delay, 2), attempt=attempt)
 
     def _metric_type(self, command_type: str) -> str:
@@ -583,7 +588,7 @@ class BridgeLoop:
 
     async def _poll_failed(self, exc: ApiError, backoff: Backoff) -> None:
         self._stats.poll_errors += 1
-        self._stats.last_error = str(exc)
+        self._stats.note_error(exc)
         # A 4xx other than the fatal ones will not fix itself soon: back off as for a 5xx.
         delay = exc.retry_after if isinstance(exc, RateLimited) else backoff.next_delay()
         # The first failure of an outage is a warning; the rest of it would only be noise.

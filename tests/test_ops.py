@@ -288,3 +288,37 @@ def test_health_listen_must_be_host_port() -> None:
 
     with pytest.raises(ConfigError, match=r"health\.listen: Value error, expected host:port"):
         load_settings(None, {"health": {"listen": "9464"}})
+
+
+def _statuses(listener: Listener) -> list[str]:
+    return [fields["STATUS"] for _, fields in listener.drain() if "STATUS" in fields]
+
+
+@pytest.mark.anyio
+async def test_status_says_what_is_true_now(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, notify_socket: tuple[str, Listener]
+) -> None:
+    """An error leaves STATUS= once Opik answers again; a stop is not overwritten while draining."""
+    path, listener = notify_socket
+    notifier = Notifier(path, watchdog_usec=200_000)  # a status check every 0.1 s
+    settings = make_settings(devserver.url, runner_id, workspace, shutdown_grace_seconds=30)
+    await api.dev_post("faults", {"route": "poll", "status": 503, "count": 2})
+    gated = GateHandler()
+    async with RunnerApi.from_settings(settings) as client:
+        from runner_daemon.daemon import Daemon
+
+        daemon = Daemon(settings, client, registry_for_tests(gated), open_outbox(settings), notifier=notifier)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(daemon.run)
+            await until(lambda: any("last error: HTTP 503" in status for status in _statuses(listener)))
+            await until(lambda: "last error" not in _statuses(listener)[-1])  # answered since
+            await api.submit_command(runner_id, "Gate", {})
+            with anyio.fail_after(20):
+                await gated.entered.wait()
+            pings = len(listener.with_key("WATCHDOG"))
+            daemon.request_stop("test")
+            stop_at = len(_statuses(listener))
+            await until(lambda: len(listener.with_key("WATCHDOG")) >= pings + 3)  # it looked again since
+            gated.gate.set()
+    after_stop = _statuses(listener)[stop_at - 1 :]
+    assert after_stop and all(status.startswith("stopping (test)") for status in after_stop), after_stop
