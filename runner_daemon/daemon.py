@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import gc
+import math
 import time
 from typing import Literal
 
@@ -262,10 +263,12 @@ class Daemon:
                 self._contact()
 
     async def _supervise(self) -> None:
-        """Keep STATUS= current and ping the watchdog while the loop and the server are fine.
+        """Keep STATUS= current and ping the watchdog while the daemon itself is fine.
 
         The pings come from the daemon's own event loop, and only while the poll loop moves
-        and the server answers: a wedged loop, or lost contact, lets systemd's watchdog act.
+        (or waits, by design, for a free slot or its back-off): a blocked event loop, or a loop
+        that stopped polling, lets systemd's watchdog act. An outage does not: a restart cannot
+        bring Opik back, so it shows in STATUS= ("server not answering") and in /metrics.
         """
         interval = min(2.0, self.notifier.watchdog_interval or 2.0)
         last_status = ""
@@ -274,7 +277,7 @@ class Daemon:
             if status != last_status:
                 self.notifier.status(status)
                 last_status = status
-            if self.notifier.watchdog_interval and self.healthy() and self.contact_fresh():
+            if self.notifier.watchdog_interval and self.healthy():
                 self.notifier.watchdog()
             await anyio.sleep(interval)
 
@@ -285,9 +288,14 @@ class Daemon:
         return self.loop.in_flight
 
     def contact_fresh(self) -> bool:
-        """The server answered recently (a heartbeat or a poll)."""
-        limit = max(60.0, 4 * self._settings.heartbeat_interval_seconds)
-        return self.last_contact is not None and time.monotonic() - self.last_contact <= limit
+        """The server answered recently: within three heartbeats and one request's time."""
+        return self.seconds_since_contact() <= (
+            3 * self._settings.heartbeat_interval_seconds + self._settings.request_timeout_seconds
+        )
+
+    def seconds_since_contact(self) -> float:
+        """Since the server last answered a heartbeat or a poll (infinite before it ever did)."""
+        return math.inf if self.last_contact is None else time.monotonic() - self.last_contact
 
     def healthy(self) -> bool:
         """Alive and its loop moving (or parked for a free slot, which is healthy too)."""

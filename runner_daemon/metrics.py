@@ -31,6 +31,8 @@ class DaemonView(Protocol):
 
     def ready(self) -> bool: ...
 
+    def seconds_since_contact(self) -> float: ...
+
 
 class _DaemonCollector(Collector):
     def __init__(self, daemon: DaemonView) -> None:
@@ -63,6 +65,11 @@ class _DaemonCollector(Collector):
             "runner_daemon_ready",
             "1 when connected and not draining.",
             value=1 if self._daemon.ready() else 0,
+        )
+        yield GaugeMetricFamily(
+            "runner_daemon_seconds_since_contact",
+            "Since Opik last answered a heartbeat or a poll (+Inf before it ever did): an outage.",
+            value=self._daemon.seconds_since_contact(),
         )
         yield CounterMetricFamily("runner_daemon_poll_errors", "Failed polls.", value=stats.poll_errors)
         yield CounterMetricFamily(

@@ -322,3 +322,30 @@ async def test_status_says_what_is_true_now(
             gated.gate.set()
     after_stop = _statuses(listener)[stop_at - 1 :]
     assert after_stop and all(status.startswith("stopping (test)") for status in after_stop), after_stop
+
+
+@pytest.mark.anyio
+async def test_an_outage_shows_in_status_and_metrics_not_as_a_silent_watchdog(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, notify_socket: tuple[str, Listener]
+) -> None:
+    """A restart cannot fix an unreachable Opik: the watchdog keeps being pinged through it."""
+    path, listener = notify_socket
+    notifier = Notifier(path, watchdog_usec=200_000)
+    # Contact counts as lost after 3 heartbeats and a request's time: about 1.4 s here.
+    settings = make_settings(devserver.url, runner_id, workspace, request_timeout_seconds=0.5)
+    async with RunnerApi.from_settings(settings) as client:
+        from runner_daemon.daemon import Daemon
+
+        daemon = Daemon(settings, client, registry_for_tests(), open_outbox(settings), notifier=notifier)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(daemon.run)
+            await until(lambda: daemon.state == "running")
+            for route in ("heartbeat", "poll"):
+                await api.dev_post("faults", {"route": route, "status": 503, "count": 1_000_000})
+            await until(lambda: "server not answering" in (_statuses(listener) or [""])[-1], 30)
+            assert daemon.seconds_since_contact() > 1
+            pings = len(listener.with_key("WATCHDOG"))
+            await until(lambda: len(listener.with_key("WATCHDOG")) >= pings + 5)  # still pinged
+            await api.dev_post("faults/clear", {})
+            await until(lambda: "server not answering" not in _statuses(listener)[-1], 30)
+            daemon.request_stop("test")
