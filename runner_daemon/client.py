@@ -471,14 +471,14 @@ class RunnerApi:
         response = await self._request("POST", f"{RUNNERS_PATH}/{runner_id}/heartbeats", content=body)
         return _parse(HeartbeatResponse, response)
 
-    async def poll(self, runner_id: str, max_commands: int) -> list[Any]:
-        """Long-poll for commands; the items are returned raw for per-item validation."""
+    async def poll(self, runner_id: str, max_commands: int, wait: float | None = None) -> list[Any]:
+        """Long-poll for commands (at most ``wait`` seconds when given); raw items."""
         body = PollRequest(max_commands=max_commands).model_dump_json().encode()
         response = await self._request(
             "POST",
             f"{RUNNERS_PATH}/{runner_id}/bridge/commands/next",
             content=body,
-            budget=self._poll_timeout,
+            budget=self._poll_timeout if wait is None else wait,
             limit=max(1, max_commands) * POLL_BYTES_PER_COMMAND,
         )
         return _parse(PollResponse, response).commands

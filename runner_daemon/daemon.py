@@ -35,6 +35,11 @@ OUTAGE_SUMMARY_SECONDS = 300.0
 LOOP_STALL_SLACK_SECONDS = 15.0
 
 CAPABILITIES = [BRIDGE_CAPABILITY]
+# Declared from a stop on: a non-empty list without "bridge" replaces the stored one, so the
+# server refuses new submissions (409) and a held poll may then be closed without losing one.
+DRAINING_CAPABILITIES = ["draining"]
+# After that heartbeat, how long the open poll may still bring a command submitted just before.
+RACE_WAIT_SECONDS = 1.0
 State = Literal["starting", "running", "draining", "stopped"]
 
 
@@ -87,6 +92,9 @@ class Daemon:
         self.fatal_error: ApiError | None = None
         self._stop_requested = False
         self._stop_reason: str | None = None  # shown in STATUS= from the stop on
+        self._services: TaskGroup | None = None  # the daemon's own tasks, while it runs
+        self._withdrawal = anyio.Event()  # the stop's "no more bridge commands" heartbeat ended
+        self._withdrawn = False  # ... and Opik took it
         self._drain_deadline: float | None = None  # on anyio's clock, once a stop was requested
         self._forced_by: int | None = None
         self._root: anyio.CancelScope | None = None
@@ -115,9 +123,30 @@ class Daemon:
         )
         self._stop_reason = reason
         self.notifier.stopping(self._status_line())
+        # The open poll is kept through the grace period (Opik cannot tell a client hung up on
+        # a held poll, and would hand it commands no one reports), unless Opik confirms it
+        # takes no more bridge commands: then it is closed after a short wait.
         self.loop.stop_polling(poll_grace=grace)
+        if self._services is not None:
+            self._services.start_soon(self._withdraw_bridge)
         if self._startup_scope is not None:
             self._startup_scope.cancel()
+
+    def _capabilities(self) -> list[str]:
+        return DRAINING_CAPABILITIES if self._stop_requested else CAPABILITIES
+
+    async def _withdraw_bridge(self) -> None:
+        """Tell Opik this runner takes no more commands, then close the open poll soon after."""
+        try:
+            await self._api.heartbeat(self._runner_id, DRAINING_CAPABILITIES)
+        except ApiError as exc:
+            log.info("could not withdraw the bridge capability; keeping the open poll", error=str(exc))
+            return
+        finally:
+            self._withdrawal.set()
+        self._withdrawn = True
+        await anyio.sleep(RACE_WAIT_SECONDS)
+        self.loop.stop_polling()
 
     def force_stop(self, signum: int) -> None:
         """Exit now; commands still running are abandoned (the server times them out)."""
@@ -146,7 +175,16 @@ class Daemon:
                 await self.loop.services.aclose()
                 await self.loop.outbox.close()
         self.state = "stopped"
-        return self._exit_status()
+        status = self._exit_status()
+        stats = self.stats
+        log.info(
+            "runner-daemon stopped",
+            exit_status=int(status),
+            reason=self._stop_reason,
+            commands_run=stats.completed + stats.failed,
+            results_owed=self.loop.outbox.owed,
+        )
+        return status
 
     async def _start_health(self, group: TaskGroup) -> bool:
         # Imported here: prometheus-client costs 1.3 MB of RSS, spent only with a listener.
@@ -209,6 +247,7 @@ class Daemon:
 
     async def _main(self) -> None:
         async with anyio.create_task_group() as services:
+            self._services = services
             services.start_soon(self._heartbeat_loop)
             services.start_soon(self._supervise)
             async with anyio.create_task_group() as work:
@@ -224,6 +263,13 @@ class Daemon:
                 await self.loop.recover(self._recovered, work)
                 await self.loop.run(work)
                 self.state = "draining"
+                if self._stop_requested and self.fatal_error is None:
+                    # What was submitted before Opik took the withdrawal in is still pending:
+                    # answer it now (cancelled, not run) rather than leave it to time out.
+                    with anyio.move_on_after(self._settings.request_timeout_seconds):
+                        await self._withdrawal.wait()
+                    if self._withdrawn:
+                        await self.loop.sweep(RACE_WAIT_SECONDS, work)
                 # Heartbeats go on while draining: the server must still see us alive.
                 # One grace period from the stop request, the open poll's wait included.
                 grace = self._settings.shutdown_grace_seconds
@@ -231,6 +277,7 @@ class Daemon:
                     grace = max(0.0, self._drain_deadline - anyio.current_time())
                 await self.loop.drain(grace, work)
             services.cancel_scope.cancel()
+        self._services = None
 
     async def _shutdown(self) -> None:
         if not self._settings.disconnect_on_exit or self.fatal_error is not None:
@@ -247,7 +294,7 @@ class Daemon:
         while True:
             await anyio.sleep(self._settings.heartbeat_interval_seconds)
             try:
-                await self._api.heartbeat(self._runner_id, CAPABILITIES)
+                await self._api.heartbeat(self._runner_id, self._capabilities())
             except (RunnerGone, Unauthorized) as exc:
                 self._fatal(exc)
                 return

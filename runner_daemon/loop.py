@@ -596,6 +596,22 @@ class BridgeLoop:
         level("poll failed; retrying", error=str(exc), retry_in=round(delay, 2))
         await anyio.sleep(delay)
 
+    async def sweep(self, wait: float, work: TaskGroup) -> None:
+        """Collect commands still pending once the server takes no more: answered, not run.
+
+        Only after Opik confirmed it refuses new submissions: a poll then answers at once with
+        what is pending, and holding it longer cannot bring more, so a short wait is safe.
+        """
+        while True:
+            try:
+                asked = min(max(1, self._free_slots()), MAX_POLL_COMMANDS)
+                items = await self._api.poll(self._runner_id, asked, wait=wait)
+            except ApiError:
+                return  # nothing came within the wait (or the server is gone): nothing pending
+            self.dispatch(items, work)
+            if not items:
+                return
+
     async def drain(self, grace: float, work: TaskGroup) -> int:
         """Let in-flight commands finish, then cancel and report the rest; returns unreported."""
         if self._claimed:

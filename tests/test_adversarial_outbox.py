@@ -22,7 +22,8 @@ import anyio
 import pytest
 
 from runner_daemon.client import RunnerApi
-from runner_daemon.devserver.server import DevServer
+from runner_daemon.devserver.server import DevServer, DevServerConfig
+from runner_daemon.errors import Conflict
 from runner_daemon.loop import BridgeLoop, LoopStats
 from runner_daemon.outbox import JOURNAL_FILE, Outbox, OwedResult
 from tests.support import (
@@ -395,3 +396,36 @@ async def test_an_unreachable_opik_at_start_is_one_line_naming_the_url_then_one_
     assert len(failing) == 1 and devserver.url.rstrip("/") in failing[0]["error"]
     recovered = [e for e in lines if e["event"] == "Opik answered"]
     assert len(recovered) == 1 and recovered[0]["after_attempts"] == 8
+
+
+# --- a fast stop that loses nothing -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "devserver_config", [DevServerConfig(poll_hold_seconds=60, reaper_interval_seconds=0.2)]
+)
+async def test_an_idle_daemon_stops_without_waiting_out_the_held_poll_and_loses_no_racing_command(
+    spawn: Spawn, api: RunnerApi, runner_id: str
+) -> None:
+    daemon = spawn(runner_id, shutdown_grace_seconds=60)
+    await until(lambda: ready(daemon), 20)
+    await until(lambda: _polls_open(api, runner_id), 20)  # a poll is held (for up to 60 s)
+    daemon.send_signal(signal.SIGTERM)
+    raced: list[str] = []
+    refused = 0
+    for _ in range(20):  # commands submitted while the stop is under way
+        try:
+            raced.append(await api.submit_command(runner_id, "ReadFile", {"path": "README.md"}))
+        except Conflict:
+            refused += 1  # the runner said it takes no more: the submitter knows at once
+    await finish(daemon, 30)  # well inside the 60 s hold and grace the old stop waited out
+    assert daemon.returncode == 0
+    assert refused > 0  # the stop withdrew the bridge capability
+    for command_id in raced:  # every command the server accepted got a final report
+        record = await wait_terminal(api, runner_id, command_id, timeout=20)
+        assert record.status in ("completed", "failed") and record.status != "timed_out"
+    assert any(e["event"] == "runner-daemon stopped" for e in events(daemon))
+
+
+async def _polls_open(api: RunnerApi, runner_id: str) -> bool:
+    return int((await api.dev_get(f"runners/{runner_id}/stats"))["polls_open"]) > 0

@@ -327,7 +327,8 @@ async def test_a_poll_open_at_the_stop_may_still_answer_and_its_commands_are_rep
     devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
 ) -> None:
     """Opik's server cannot tell that a client hung up on a held poll: the daemon keeps the
-    poll open through the grace period, and what it returns is reported, not lost."""
+    poll open until Opik confirmed it takes no more bridge commands (or the grace period
+    ends), and what it returns is reported, not lost. A submission after that is refused."""
 
     async def polls() -> int:
         return int((await api.dev_get(f"runners/{runner_id}/stats"))["polls"])
@@ -336,13 +337,15 @@ async def test_a_poll_open_at_the_stop_may_still_answer_and_its_commands_are_rep
     async with running_daemon(settings) as running:
         await until(polls)
         running.daemon.request_stop("test")
-        command_id = await api.submit_command(runner_id, "ReadFile", {"path": "README.md"})
+        try:
+            command_id = await api.submit_command(runner_id, "ReadFile", {"path": "README.md"})
+        except Conflict:
+            return  # the stop's heartbeat came first: refused, and the submitter was told
         record = await wait_terminal(api, runner_id, command_id)
     assert record.status == "failed"
     assert record.error is not None and record.error.code == "cancelled"
     assert "not started" in record.error.message
     assert running.exit_status == ExitStatus.OK
-    assert await polls() == 1
 
 
 async def test_a_stop_during_the_poll_back_off_is_not_delayed_by_it(
