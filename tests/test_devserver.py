@@ -279,7 +279,8 @@ async def test_a_heartbeat_without_capabilities_keeps_the_stored_ones(
         assert (await raw.post(url, content=content)).status_code == 200
         assert (await api.get_runner(runner_id)).capabilities == ["bridge"]
         assert await api.submit_command(runner_id, "ReadFile", {"path": "a"})  # 201, not 409
-        assert (await raw.post(url, json={"capabilities": "bridge"})).status_code == 400
+        for bad in ({"capabilities": "bridge"}, ["bridge"]):
+            assert (await raw.post(url, json=bad)).status_code == 400
     await api.heartbeat(runner_id, ["jobs"])  # a non-empty list replaces them
     with pytest.raises(Conflict):
         await api.submit_command(runner_id, "ReadFile", {"path": "a"})

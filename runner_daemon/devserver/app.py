@@ -145,7 +145,9 @@ def build_app(state: DevState) -> Starlette:
 
     async def heartbeat(request: Request) -> Response:
         body = await _json_body(request)
-        capabilities = body.get("capabilities") if isinstance(body, dict) else []
+        if not isinstance(body, dict):
+            raise ApiFailure(400, "Body must be a JSON object")
+        capabilities = body.get("capabilities")
         if capabilities is not None and (
             not isinstance(capabilities, list)
             or not all(
