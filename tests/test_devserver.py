@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
+import json
+import secrets
 import time
+import uuid
 
 import anyio
 import httpx
@@ -18,7 +23,8 @@ from runner_daemon.errors import (
     RunnerEvicted,
     RunnerGone,
 )
-from runner_daemon.models import ResultReport
+from runner_daemon.models import PairingActivation, PairingSessionRequest, ResultReport
+from runner_daemon.pairing import activation_hmac
 from tests.support import command_status_is, until
 
 pytestmark = pytest.mark.anyio
@@ -217,3 +223,162 @@ async def test_bad_capabilities_are_400(devserver: DevServer, runner_id: str) ->
         )
     assert response.status_code == 400
     assert response.json() == {"errors": ["capabilities must be names matching [a-z_]+"]}
+
+
+async def heartbeat_status(devserver: DevServer, runner_id: str, workspace: str | None = None) -> int:
+    headers = {"Comet-Workspace": workspace} if workspace else None
+    async with httpx.AsyncClient(base_url=devserver.url, headers=headers) as raw:
+        response = await raw.post(
+            f"v1/private/local-runners/{runner_id}/heartbeats", json={"capabilities": ["bridge"]}
+        )
+    return response.status_code
+
+
+async def test_a_heartbeat_for_a_runner_the_caller_does_not_own_is_410_never_404(
+    devserver: DevServer, api: RunnerApi
+) -> None:
+    assert await heartbeat_status(devserver, str(uuid.uuid4())) == 410  # never existed
+    deleted, evicted, theirs = [await api.dev_create_runner() for _ in range(3)]
+    await api.disconnect(deleted)
+    await api.dev_post(f"runners/{evicted}/evict", {})
+    assert await heartbeat_status(devserver, deleted) == 410
+    assert await heartbeat_status(devserver, evicted) == 410
+    session = await api.create_pairing_session(
+        PairingSessionRequest(
+            project_id=str(uuid.uuid4()), activation_key=base64.b64encode(bytes(32)).decode()
+        )
+    )
+    assert await heartbeat_status(devserver, session.runner_id) == 410  # not approved yet
+    # Another workspace's runner: 410 to its heartbeats, 404 elsewhere, and its DELETE is a no-op.
+    assert await heartbeat_status(devserver, theirs, workspace="other-team") == 410
+    async with RunnerApi(devserver.url, workspace="other-team") as other:
+        with pytest.raises(RunnerGone) as info:
+            await other.get_runner(theirs)
+        assert info.value.status == 404
+        await other.disconnect(theirs)
+        with pytest.raises(RunnerGone):
+            await other.submit_command(theirs, "ReadFile", {"path": "a"})
+    assert await heartbeat_status(devserver, theirs) == 200  # still the owner's, alive
+    async with RunnerApi(devserver.url, workspace="default") as owner:  # the header a local Opik assumes
+        assert (await owner.get_runner(theirs)).status == "connected"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"{}", b'{"capabilities": null}', b'{"capabilities": []}'],
+    ids=["none", "{}", "null", "[]"],
+)
+async def test_a_heartbeat_without_capabilities_keeps_the_stored_ones(
+    devserver: DevServer, api: RunnerApi, runner_id: str, content: bytes
+) -> None:
+    url = f"v1/private/local-runners/{runner_id}/heartbeats"
+    async with httpx.AsyncClient(base_url=devserver.url) as raw:
+        assert (await raw.post(url, content=content)).status_code == 200
+        assert (await api.get_runner(runner_id)).capabilities == ["jobs"]  # never sent a list
+        await api.heartbeat(runner_id, ["bridge"])
+        assert (await raw.post(url, content=content)).status_code == 200
+        assert (await api.get_runner(runner_id)).capabilities == ["bridge"]
+        assert await api.submit_command(runner_id, "ReadFile", {"path": "a"})  # 201, not 409
+        for bad in ({"capabilities": "bridge"}, ["bridge"]):
+            assert (await raw.post(url, json=bad)).status_code == 400
+    await api.heartbeat(runner_id, ["jobs"])  # a non-empty list replaces them
+    with pytest.raises(Conflict):
+        await api.submit_command(runner_id, "ReadFile", {"path": "a"})
+
+
+async def _paired(api: RunnerApi, project_id: str, kind: str = "connect") -> str:
+    """A runner paired and approved as the browser does; its id."""
+    key = secrets.token_bytes(32)
+    request = PairingSessionRequest(project_id=project_id, activation_key=base64.b64encode(key).decode())
+    session = await api.create_pairing_session(request.model_copy(update={"type": kind}))
+    hmac = activation_hmac(key, session.session_id, "laptop")
+    await api.activate_pairing_session(session.session_id, PairingActivation(runner_name="laptop", hmac=hmac))
+    return session.runner_id
+
+
+async def test_activating_a_newer_pairing_evicts_the_older_runner_of_its_type_and_project(
+    devserver: DevServer, api: RunnerApi
+) -> None:
+    project = str(uuid.uuid4())
+    older = await _paired(api, project)
+    endpoint = await _paired(api, project, "endpoint")
+    elsewhere = await _paired(api, str(uuid.uuid4()))
+    await api.heartbeat(older, ["bridge"])
+    command_id = await api.submit_command(older, "ReadFile", {"path": "a"})
+    newer = await _paired(api, project)
+    assert await heartbeat_status(devserver, older) == 410
+    with pytest.raises(RunnerGone) as info:
+        await api.get_runner(older)
+    assert info.value.status == 404
+    record = next(c for c in await api.dev_get(f"runners/{older}/commands") if c["command_id"] == command_id)
+    assert record["status"] == "timed_out"
+    for alive in (newer, endpoint, elsewhere):
+        assert await heartbeat_status(devserver, alive) == 200
+    assert (await api.get_runner(endpoint)).type == "endpoint"
+
+
+async def test_pairing_activation_answers_201_with_the_runner_location(
+    devserver: DevServer, api: RunnerApi
+) -> None:
+    key = secrets.token_bytes(32)
+    session = await api.create_pairing_session(
+        PairingSessionRequest(project_id=str(uuid.uuid4()), activation_key=base64.b64encode(key).decode())
+    )
+    body = {"runner_name": "laptop", "hmac": activation_hmac(key, session.session_id, "laptop")}
+    async with httpx.AsyncClient(base_url=devserver.url) as raw:
+        response = await raw.post(f"v1/private/pairing/sessions/{session.session_id}/activate", json=body)
+        assert response.status_code == 201
+        location = response.headers["Location"]
+        assert location == f"{devserver.url}v1/private/local-runners/{session.runner_id}"
+        assert (await raw.get(location)).json()["id"] == session.runner_id
+
+
+async def post_gzip(raw: httpx.AsyncClient, url: str, body: object) -> httpx.Response:
+    """POST ``body`` as Opik's client does: JSON, gzipped, ``Content-Encoding: gzip``."""
+    content = gzip.compress(json.dumps(body).encode(), compresslevel=6)
+    return await raw.post(url, content=content, headers={"Content-Encoding": "gzip"})
+
+
+async def test_gzip_request_bodies_are_accepted_as_opik_does(
+    devserver: DevServer, api: RunnerApi, runner_id: str
+) -> None:
+    """Opik's own client gzips every JSON body of 256 bytes or more."""
+    base = f"v1/private/local-runners/{runner_id}"
+    async with httpx.AsyncClient(base_url=devserver.url) as raw:
+        response = await post_gzip(raw, f"{base}/heartbeats", {"capabilities": ["bridge"]})
+        assert response.status_code == 200
+        args = {"path": "a" * 400}
+        response = await post_gzip(raw, f"{base}/bridge/commands", {"type": "ReadFile", "args": args})
+        assert response.status_code == 201
+        command_id = response.json()["command_id"]
+        assert (await api.get_command(runner_id, command_id)).args == args
+        assert len(await api.poll(runner_id, 1)) == 1
+        report = {"status": "completed", "result": {"text": "b" * 400}}
+        response = await post_gzip(raw, f"{base}/bridge/commands/{command_id}/results", report)
+        assert response.status_code == 204
+    assert (await api.get_command(runner_id, command_id)).result == report["result"]
+
+
+def _zeros_gzip(mebibytes: int) -> bytes:
+    """That many MiB of zero bytes as gzip members one after another (a valid gzip stream)."""
+    return gzip.compress(bytes(1 << 20), compresslevel=9) * mebibytes
+
+
+@pytest.mark.adversarial
+async def test_a_gzip_bomb_is_refused_at_the_payload_cap_and_bad_gzip_is_400(
+    devserver: DevServer, api: RunnerApi, runner_id: str
+) -> None:
+    await api.heartbeat(runner_id, ["bridge"])
+    url = f"v1/private/local-runners/{runner_id}/bridge/commands"
+    gzipped = {"Content-Encoding": "gzip"}
+    bomb = _zeros_gzip(1024)  # 1 GiB inflated from about 1 MiB, under the wire limit
+    async with httpx.AsyncClient(base_url=devserver.url, timeout=60) as raw:
+        response = await raw.post(url, content=bomb, headers=gzipped)
+        assert response.status_code == 413
+        truncated = gzip.compress(b'{"type": "ReadFile", "args": {}}')[:-6]
+        for bad in (b"not gzip at all", truncated):
+            response = await raw.post(url, content=bad, headers=gzipped)
+            assert response.status_code == 400
+        response = await raw.post(url, content=b"x" * (devserver.state.config.max_body_bytes + 1))
+    assert response.status_code == 413
+    assert await api.submit_command(runner_id, "ReadFile", {"path": "a"})  # the server is fine

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,7 +27,7 @@ from runner_daemon.devserver.faults import (
     malformed_answer,
     mark_reset,
 )
-from runner_daemon.devserver.state import ApiFailure, DevServerConfig, DevState, Fault
+from runner_daemon.devserver.state import DEFAULT_WORKSPACE, ApiFailure, DevServerConfig, DevState, Fault
 from runner_daemon.errors import describe_validation_error
 from runner_daemon.pairing import approve
 
@@ -37,18 +39,64 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"errors": [message]}, status_code=status, headers=headers)
 
 
-async def _json_body(request: Request) -> Any:
-    raw = await request.body()
-    if not raw:
-        return {}
-    try:
-        return json.loads(raw)
-    except ValueError:
-        raise ApiFailure(400, "Unable to process JSON") from None
+def _too_large() -> ApiFailure:
+    return ApiFailure(413, "Request body exceeds the maximum payload size")
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, read and (for ``Content-Encoding: gzip``) inflated up to ``limit`` bytes.
+
+    Opik's own client gzips bodies of 256 bytes or more; a few KiB of gzip can inflate to
+    gigabytes, so neither the wire nor the inflater may go past the limit.
+    """
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise _too_large()
+    coding = request.headers.get("content-encoding", "identity").strip().lower()
+    return _gunzip(bytes(raw), limit) if coding in ("gzip", "x-gzip") else bytes(raw)
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    """Inflate gzip members one after another, as Opik's server does, refusing more than ``limit``."""
+    out = bytearray()
+    while data:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            out += inflater.decompress(data, limit + 1 - len(out))  # never 0: that means unbounded
+        except zlib.error:
+            raise ApiFailure(400, "Unable to process gzip request body") from None
+        if len(out) > limit:
+            raise _too_large()
+        if not inflater.eof:
+            raise ApiFailure(400, "Unable to process gzip request body")  # truncated
+        data = inflater.unused_data
+    return bytes(out)
+
+
+def _workspace(request: Request) -> str:
+    """The caller's workspace: ``Comet-Workspace``, or ``default`` as a local Opik assumes."""
+    return request.headers.get("comet-workspace", "").strip() or DEFAULT_WORKSPACE
 
 
 def build_app(state: DevState) -> Starlette:
     config = state.config
+
+    async def _json_body(request: Request) -> Any:
+        raw = await _body(request, config.max_body_bytes)
+        if not raw:
+            return {}
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise ApiFailure(400, "Unable to process JSON") from None
+
+    def owned(request: Request) -> str:
+        """The path's runner id, once the caller's workspace is known to own it (else 404)."""
+        runner_id: str = request.path_params["runner_id"]
+        state.check_owner(runner_id, _workspace(request))
+        return runner_id
 
     def route(fault_name: str | None, handler: Endpoint, *, profile_name: str | None = None) -> Endpoint:
         """Wrap a handler: injected faults first, ``ApiFailure`` becomes an error answer.
@@ -88,25 +136,31 @@ def build_app(state: DevState) -> Starlette:
         return endpoint
 
     async def get_runner(request: Request) -> Response:
-        return JSONResponse(state.runner_view(state.runner(request.path_params["runner_id"])))
+        return JSONResponse(state.runner_view(state.runner(owned(request))))
 
     async def delete_runner(request: Request) -> Response:
-        state.remove_runner(request.path_params["runner_id"])
+        with contextlib.suppress(ApiFailure):  # 204 always: another workspace's runner stays as it is
+            state.remove_runner(owned(request))
         return Response(status_code=204)
 
     async def heartbeat(request: Request) -> Response:
         body = await _json_body(request)
-        capabilities = body.get("capabilities", []) if isinstance(body, dict) else None
-        if not isinstance(capabilities, list) or not all(
-            isinstance(c, str) and c and c.isascii() and all(ch.islower() or ch == "_" for ch in c)
-            for c in capabilities
+        if not isinstance(body, dict):
+            raise ApiFailure(400, "Body must be a JSON object")
+        capabilities = body.get("capabilities")
+        if capabilities is not None and (
+            not isinstance(capabilities, list)
+            or not all(
+                isinstance(c, str) and c and c.isascii() and all(ch.islower() or ch == "_" for ch in c)
+                for c in capabilities
+            )
         ):
             raise ApiFailure(400, "capabilities must be names matching [a-z_]+")
-        state.heartbeat(request.path_params["runner_id"], capabilities)
+        state.heartbeat(request.path_params["runner_id"], _workspace(request), capabilities)
         return JSONResponse({"cancelled_job_ids": []})
 
     async def submit(request: Request) -> Response:
-        runner_id = request.path_params["runner_id"]
+        runner_id = owned(request)
         body = await _json_body(request)
         if not isinstance(body, dict) or not isinstance(body.get("type"), str):
             raise ApiFailure(400, "type is required")
@@ -119,7 +173,7 @@ def build_app(state: DevState) -> Starlette:
         return JSONResponse({"command_id": command.id}, status_code=201, headers={"Location": location})
 
     async def next_commands(request: Request) -> Response:
-        runner_id = request.path_params["runner_id"]
+        runner_id = owned(request)
         runner = state.runner(runner_id)
         body = await _json_body(request)
         asked = body.get("max_commands") if isinstance(body, dict) else None
@@ -161,11 +215,11 @@ def build_app(state: DevState) -> Starlette:
 
     async def report(request: Request) -> Response:
         body = await _json_body(request)
-        state.report(request.path_params["runner_id"], request.path_params["command_id"], body)
+        state.report(owned(request), request.path_params["command_id"], body)
         return Response(status_code=204)
 
     async def get_command(request: Request) -> Response:
-        command = state.command(request.path_params["runner_id"], request.path_params["command_id"])
+        command = state.command(owned(request), request.path_params["command_id"])
         if request.query_params.get("wait") == "true":
             try:
                 timeout = int(request.query_params.get("timeout", config.wait_default_seconds))
@@ -176,12 +230,17 @@ def build_app(state: DevState) -> Starlette:
         return JSONResponse(command.as_record())
 
     async def create_pairing(request: Request) -> Response:
-        session = state.create_pairing(await _json_body(request))
+        session = state.create_pairing(await _json_body(request), _workspace(request))
         return JSONResponse({"session_id": session.id, "runner_id": session.runner_id}, status_code=201)
 
     async def activate_pairing(request: Request) -> Response:
-        state.activate_pairing(request.path_params["session_id"], await _json_body(request))
-        return Response(status_code=204)
+        """201 with the runner's ``Location``, as Opik answers the browser."""
+        body = await _json_body(request)
+        runner = state.activate_pairing(request.path_params["session_id"], body, _workspace(request))
+        path = request.url.path
+        prefix = path[: path.index("/v1/private/pairing/")]
+        location = request.url.replace(path=f"{prefix}/v1/private/local-runners/{runner.id}", query="")
+        return Response(status_code=201, headers={"Location": str(location)})
 
     # --- dev-only routes ------------------------------------------------------------------
 
@@ -203,7 +262,8 @@ def build_app(state: DevState) -> Starlette:
             key = base64.b64decode(body["bridge_key"], validate=True) if body.get("bridge_key") else None
         except (ValueError, TypeError):
             raise ApiFailure(400, "bridge_key must be base64") from None
-        runner = state.create_runner(name if isinstance(name, str) and name else "dev-runner", bridge_key=key)
+        name = name if isinstance(name, str) and name else "dev-runner"
+        runner = state.create_runner(name, bridge_key=key, workspace=_workspace(request))
         return JSONResponse({"runner_id": runner.id}, status_code=201)
 
     async def dev_stats(request: Request) -> Response:

@@ -29,6 +29,7 @@ from runner_daemon.devserver.faults import FaultInjector
 from runner_daemon.pairing import activation_hmac
 from runner_daemon.statedir import write_private_file
 
+DEFAULT_WORKSPACE = "default"  # a request without Comet-Workspace acts in it, as on a local Opik
 WRITE_TYPES = frozenset({"WriteFile", "EditFile", "Exec"})
 TERMINAL = frozenset({"completed", "failed", "timed_out"})
 
@@ -51,6 +52,14 @@ class DevServerConfig:
     default_max_commands: int = 10
     max_max_commands: int = 20
     wait_default_seconds: int = 30
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body, raw or inflated: a report with result and error at the cap.
+
+        (A UTF-8 body is never longer than the JSON measured against the cap.)
+        """
+        return 2 * self.payload_cap_chars + 65_536
 
 
 class ApiFailure(Exception):
@@ -108,6 +117,8 @@ class Runner:
     removed: bool = False  # disconnected (DELETE), purged or evicted: endpoints answer 404
     visible: bool = True  # False while its pairing session waits for the browser
     bridge_key: bytes | None = None  # known when the dev server played the browser's part
+    workspace: str = DEFAULT_WORKSPACE  # the owner: every other workspace gets 404 (410 on heartbeat)
+    type: str = "connect"
     submitted: Signal = field(default_factory=Signal)
     submit_times: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
     write_times: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
@@ -179,6 +190,7 @@ class PairingSession:
     activation_key: bytes
     expires: float
     activated: bool = False
+    type: str = "connect"
 
 
 @dataclass
@@ -206,7 +218,12 @@ class DevState:
     # --- runners ------------------------------------------------------------------------
 
     def create_runner(
-        self, name: str = "dev-runner", *, bridge_key: bytes | None = None, project_id: str | None = None
+        self,
+        name: str = "dev-runner",
+        *,
+        bridge_key: bytes | None = None,
+        project_id: str | None = None,
+        workspace: str = DEFAULT_WORKSPACE,
     ) -> Runner:
         runner = Runner(
             id=str(uuid.uuid4()),
@@ -214,13 +231,14 @@ class DevState:
             project_id=project_id or str(uuid.uuid4()),
             created_at=now_iso(),
             bridge_key=bridge_key,
+            workspace=workspace,
         )
         self.runners[runner.id] = runner
         return runner
 
     # --- pairing ------------------------------------------------------------------------
 
-    def create_pairing(self, body: Any) -> PairingSession:
+    def create_pairing(self, body: Any, workspace: str = DEFAULT_WORKSPACE) -> PairingSession:
         if not isinstance(body, dict):
             raise ApiFailure(400, "Body must be a JSON object")
         try:
@@ -233,15 +251,18 @@ class DevState:
             raise ApiFailure(400, "activation_key must be 32 bytes and type connect or endpoint")
         if not isinstance(ttl, int) or not 60 <= ttl <= 600:
             raise ApiFailure(400, "ttl_seconds must be between 60 and 600")
-        runner = self.create_runner("pairing", project_id=project_id)
-        runner.visible = False
+        runner = self.create_runner("pairing", project_id=project_id, workspace=workspace)
+        runner.visible, runner.type = False, body["type"]
         session = PairingSession(
-            str(uuid.uuid4()), runner.id, project_id, activation_key, self._clock() + ttl
+            str(uuid.uuid4()), runner.id, project_id, activation_key, self._clock() + ttl, type=body["type"]
         )
         self.pairings[session.id] = session
         return session
 
-    def activate_pairing(self, session_id: str, body: Any) -> None:
+    def activate_pairing(self, session_id: str, body: Any, workspace: str | None = None) -> Runner:
+        """The browser approves: the runner becomes visible, owned by the approver's workspace
+        (``None``: the workspace that opened the session), and evicts the older runner of its
+        type for the same project and owner, as Opik does."""
         session = self.pairings.get(session_id)
         if session is None or self._clock() > session.expires:
             raise ApiFailure(404, "Pairing session not found")
@@ -255,16 +276,37 @@ class DevState:
             raise ApiFailure(403, "Invalid activation HMAC")
         session.activated = True
         runner = self.runners[session.runner_id]
+        if workspace is not None:
+            runner.workspace = workspace
+        for older in list(self.runners.values()):
+            if (
+                older is not runner
+                and older.visible
+                and (older.type, older.project_id, older.workspace)
+                == (
+                    runner.type,
+                    runner.project_id,
+                    runner.workspace,
+                )
+            ):
+                self.remove_runner(older.id)
         runner.name, runner.visible = name, True
         runner.last_heartbeat, runner.connected_at = self._clock(), now_iso()
         # The browser keeps the bridge key to sign commands; the dev server plays that part.
         runner.bridge_key = derive_bridge_key(session.activation_key, session_id)
+        return runner
 
     def runner(self, runner_id: str) -> Runner:
         runner = self.runners.get(runner_id)
         if runner is None or runner.removed or not runner.visible:
             raise ApiFailure(404, "Runner not found")
         return runner
+
+    def check_owner(self, runner_id: str, workspace: str) -> None:
+        """404 unless ``workspace`` owns a live record of the runner (heartbeats make it 410)."""
+        runner = self.runner(runner_id)
+        if runner.workspace != workspace:
+            raise ApiFailure(404, "Runner not found")
 
     def alive(self, runner: Runner) -> bool:
         return (
@@ -280,23 +322,28 @@ class DevState:
             "project_id": runner.project_id,
             "status": "connected" if self.alive(runner) else "disconnected",
             "connected_at": runner.connected_at,
-            "type": "connect",
+            "type": runner.type,
             "capabilities": runner.capabilities if runner.capabilities is not None else ["jobs"],
             "agents": [],
             "checklist": {},
         }
 
-    def heartbeat(self, runner_id: str, capabilities: list[str]) -> None:
-        runner = self.runners.get(runner_id)
-        if runner is None:
-            raise ApiFailure(404, "Runner not found")
-        if runner.removed:
-            raise ApiFailure(410, "Runner not found")
+    def heartbeat(self, runner_id: str, workspace: str, capabilities: list[str] | None) -> None:
+        """Refresh the alive mark; a non-empty list replaces the capabilities, else they stay.
+
+        410 whenever ``workspace`` does not own a live record of the runner: never 404.
+        """
+        try:
+            self.check_owner(runner_id, workspace)
+        except ApiFailure:
+            raise ApiFailure(410, "Runner not found") from None
+        runner = self.runners[runner_id]
         runner.counters.heartbeats += 1
         if not self.alive(runner):
             runner.connected_at = now_iso()
         runner.last_heartbeat = self._clock()
-        runner.capabilities = list(capabilities)
+        if capabilities:
+            runner.capabilities = list(capabilities)
 
     def remove_runner(self, runner_id: str) -> None:
         """DELETE (or eviction): fail every open command, then answer 404 (410 to heartbeats)."""
@@ -518,6 +565,8 @@ def snapshot(state: DevState) -> dict[str, Any]:
             "removed": r.removed,
             "visible": r.visible,
             "bridge_key": _b64(r.bridge_key),
+            "workspace": r.workspace,
+            "type": r.type,
             "submit_times": [clocks.to_wall(t) for t in r.submit_times],
             "write_times": [clocks.to_wall(t) for t in r.write_times],
             "counters": r.counters.as_dict(),
@@ -541,6 +590,7 @@ def snapshot(state: DevState) -> dict[str, Any]:
             "activation_key": _b64(p.activation_key),
             "expires_wall": clocks.to_wall(p.expires),
             "activated": p.activated,
+            "type": p.type,
         }
         for p in state.pairings.values()
     ]
@@ -574,6 +624,8 @@ def restore(state: DevState, data: dict[str, Any]) -> None:
             removed=item["removed"],
             visible=item["visible"],
             bridge_key=_unb64(item["bridge_key"]),
+            workspace=item.get("workspace", DEFAULT_WORKSPACE),
+            type=item.get("type", "connect"),
         )
         runner.submit_times.extend(t for t in map(clocks.to_mono, item["submit_times"]) if t is not None)
         runner.write_times.extend(t for t in map(clocks.to_mono, item["write_times"]) if t is not None)
@@ -597,7 +649,13 @@ def restore(state: DevState, data: dict[str, Any]) -> None:
         key = _unb64(item["activation_key"])
         assert expires is not None and key is not None
         state.pairings[item["id"]] = PairingSession(
-            item["id"], item["runner_id"], item["project_id"], key, expires, item["activated"]
+            item["id"],
+            item["runner_id"],
+            item["project_id"],
+            key,
+            expires,
+            item["activated"],
+            item.get("type", "connect"),
         )
     state.faults.extend(Fault(**f) for f in data.get("queued_faults", []))
     state.injector.restore(data.get("injector") or {})
