@@ -199,6 +199,26 @@ def mounts_of(container: dict[str, Any]) -> dict[str, str]:
     return {mount["mountPath"]: mount["name"] for mount in container.get("volumeMounts", [])}
 
 
+def workspace_mount(container: dict[str, Any]) -> dict[str, Any]:
+    return next(mount for mount in container["volumeMounts"] if mount["mountPath"] == "/workspace")
+
+
+def test_kubernetes_sidecar_matches_the_schema() -> None:
+    """Every document validates, strictly (no unknown fields), against Kubernetes 1.29's schema.
+
+    kubernetes-validate ships the schemas in its wheel: no cluster and no download. 1.29 is
+    the oldest version with native sidecars, which the example needs.
+    """
+    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed")
+    kubernetes_validate = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate is not installed"
+    )
+    documents = [d for d in yaml.safe_load_all(SIDECAR.read_text()) if d]
+    assert documents
+    for document in documents:
+        kubernetes_validate.validate(document, "1.29.0", strict=True)
+
+
 def test_kubernetes_sidecar() -> None:
     yaml = pytest.importorskip("yaml", reason="PyYAML is not installed")
     documents = [d for d in yaml.safe_load_all(SIDECAR.read_text()) if d]
@@ -219,6 +239,10 @@ def test_kubernetes_sidecar() -> None:
     assert {"emptyDir", "persistentVolumeClaim"} & set(volumes[workspace])
     for app in spec["containers"]:
         assert mounts_of(app).get("/workspace") == workspace, app["name"]
+    # As the example says: the daemon writes the workspace, the app only reads it.
+    assert not workspace_mount(runner).get("readOnly", False)
+    for app in spec["containers"]:
+        assert workspace_mount(app).get("readOnly") is True, app["name"]
 
     # Credentials from a Secret; the bridge key as a file in a mounted secret volume.
     env = env_of(runner)
