@@ -13,10 +13,14 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from importlib.metadata import distribution
 from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from pydantic import BaseModel
 
 from runner_daemon.daemon import ExitStatus
@@ -25,6 +29,7 @@ from runner_daemon.settings import ENV_PREFIX, Settings
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "runner-daemon.service"
 DOCKERFILE = REPO / "Dockerfile"
+CONSTRAINTS = REPO / "constraints.txt"
 SIDECAR = REPO / "deploy" / "kubernetes" / "sidecar.yaml"
 
 
@@ -123,10 +128,16 @@ def test_dockerfile_shape() -> None:
     instructions = dockerfile_instructions()
     stages = [i for i, (word, _) in enumerate(instructions) if word == "FROM"]
     assert len(stages) >= 2, "a builder stage and a final stage"
-    assert all(instructions[i][1].split()[0] == "python:3.11-slim" for i in stages)
+    # Every stage starts from one base image, pinned by digest in a build argument.
+    assert all(instructions[i][1].split()[0] == "${PYTHON_IMAGE}" for i in stages)
+    args = [rest for word, rest in instructions[: stages[0]] if word == "ARG"]
+    assert any(re.fullmatch(r"PYTHON_IMAGE=python:3\.11-slim@sha256:[0-9a-f]{64}", arg) for arg in args), args
     final = instructions[stages[-1] :]
     final_text = "\n".join(f"{word} {rest}" for word, rest in final)
-    assert "pip wheel --no-deps" in "\n".join(rest for word, rest in instructions if word == "RUN")
+    runs = "\n".join(rest for word, rest in instructions if word == "RUN")
+    assert "pip wheel --no-deps" in runs
+    assert re.search(r"pip install --constraint constraints\.txt ", runs)
+    assert any(word == "COPY" and "constraints.txt" in rest.split() for word, rest in instructions)
     assert not re.search(r"\b(gcc|build-essential|pip wheel)\b", final_text), (
         "no build tools in the final image"
     )
@@ -134,7 +145,9 @@ def test_dockerfile_shape() -> None:
     assert "rm -rf /var/lib/apt/lists/*" in final_text
     last = {word: rest for word, rest in final}  # the instruction in force: the last of its kind
     assert last["USER"].split(":")[0] == "10001"
-    assert json.loads(last["ENTRYPOINT"]) == ["runner-daemon"]
+    # tini as PID 1 reaps what Exec commands orphan, without `docker run --init`.
+    assert re.search(r"apt-get install -y --no-install-recommends [^\n]*\btini\b", final_text)
+    assert json.loads(last["ENTRYPOINT"]) == ["/usr/bin/tini", "--", "runner-daemon"]
     assert json.loads(last["CMD"]) == ["run"]
     assert last["STOPSIGNAL"] == "SIGTERM"
     assert last["WORKDIR"] == "/workspace"
@@ -150,6 +163,83 @@ def test_dockerfile_shape() -> None:
         assert assignment in env.split(), assignment
     for name in setting_names_in(DOCKERFILE.read_text()):
         assert_real_setting(name)
+
+
+def runtime_requirements() -> list[Requirement]:
+    """What the image installs: runner-daemon's own requirements and the syntax extra's."""
+    requirements = [Requirement(text) for text in distribution("runner-daemon").requires or []]
+    return [r for r in requirements if r.marker is None or r.marker.evaluate({"extra": "syntax"})]
+
+
+def runtime_closure() -> dict[str, str]:
+    """Every distribution the image installs (canonical name -> version installed here)."""
+    found: dict[str, str] = {}
+    pending = list(runtime_requirements())
+    while pending:
+        requirement = pending.pop()
+        name = canonicalize_name(requirement.name)
+        if name in found:
+            continue
+        installed = distribution(requirement.name)
+        found[name] = installed.version
+        for text in installed.requires or []:
+            dependency = Requirement(text)
+            if dependency.marker is None or dependency.marker.evaluate({"extra": ""}):
+                pending.append(dependency)
+    return found
+
+
+def constraints() -> dict[str, str]:
+    """constraints.txt as canonical name -> pinned version; every line must be an exact pin."""
+    pins: dict[str, str] = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            pin = re.fullmatch(r"([A-Za-z0-9._-]+)==([A-Za-z0-9.+!-]+)", line.strip())
+            assert pin is not None, f"not an exact pin: {line!r}"
+            pins[canonicalize_name(pin.group(1))] = pin.group(2)
+    return pins
+
+
+def test_constraints_pin_every_runtime_dependency() -> None:
+    """The image's constraints name exactly the packages the wheel (with syntax) pulls in."""
+    wanted, pinned = set(runtime_closure()), set(constraints())
+    assert not wanted - pinned, f"constraints.txt lacks {sorted(wanted - pinned)}"
+    assert not pinned - wanted, f"constraints.txt pins what is not installed: {sorted(pinned - wanted)}"
+
+
+def test_constraints_resolve() -> None:
+    """pip resolves the image's install from constraints.txt (PyPI, metadata only, nothing installed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--dry-run",
+                "--ignore-installed",
+                "--only-binary=:all:",
+                "--disable-pip-version-check",
+                "--quiet",
+                "--report",
+                str(report),
+                "--constraint",
+                str(CONSTRAINTS),
+                # Without their markers: pip would drop `extra == "syntax"` ones.
+                *(f"{r.name}{r.specifier}" for r in runtime_requirements()),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        resolved = {
+            canonicalize_name(item["metadata"]["name"]): item["metadata"]["version"]
+            for item in json.loads(report.read_text())["install"]
+        }
+    assert resolved == constraints()
 
 
 def find_hadolint() -> str | None:
@@ -256,6 +346,9 @@ def test_kubernetes_sidecar() -> None:
     for name in env:
         if name.startswith(ENV_PREFIX):
             assert_real_setting(name)
+
+    # The image's ENTRYPOINT (tini, then the daemon) stays in force: no `command:`.
+    assert "command" not in runner and runner["args"] == ["run"]
 
     # Probes through `runner-daemon health`.
     assert runner["startupProbe"]["exec"]["command"] == ["runner-daemon", "health"]
