@@ -28,6 +28,9 @@ from runner_daemon.settings import ENV_PREFIX, Settings
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "runner-daemon.service"
+TEMPLATE = REPO / "systemd" / "runner-daemon@.service"
+# The exposure `systemd-analyze security` may give a unit: the target the units name.
+MAX_EXPOSURE = 1.5
 DOCKERFILE = REPO / "Dockerfile"
 CONSTRAINTS = REPO / "constraints.txt"
 SIDECAR = REPO / "deploy" / "kubernetes" / "sidecar.yaml"
@@ -61,8 +64,9 @@ def assert_real_setting(name: str) -> None:
 # --- systemd -----------------------------------------------------------------------------------
 
 
-def test_unit_matches_the_code() -> None:
-    values = unit_values(UNIT)
+@pytest.mark.parametrize("unit", [UNIT, TEMPLATE], ids=lambda path: path.name)
+def test_unit_matches_the_code(unit: Path) -> None:
+    values = unit_values(unit)
     prevented = {int(status) for status in values["RestartPreventExitStatus"][0].split()}
     assert prevented == {
         ExitStatus.USAGE,
@@ -77,15 +81,47 @@ def test_unit_matches_the_code() -> None:
     stop_timeout = int(values["TimeoutStopSec"][0])
     assert stop_timeout >= Settings.model_fields["shutdown_grace_seconds"].default + 10
     # The daemon takes the first entry of $STATE_DIRECTORY as its state directory.
-    assert values["StateDirectory"][0].split()[0] == "runner-daemon"
+    assert values["StateDirectory"][0].split()[0] in ("runner-daemon", "runner-daemon@%i")
     assert "PrivateNetwork" not in values or values["PrivateNetwork"] == ["no"]
-    for name in setting_names_in(UNIT.read_text()):
+    for name in setting_names_in(unit.read_text()):
         assert_real_setting(name)
+    assert f"target ≤ {MAX_EXPOSURE}" in unit.read_text()
+
+
+# Per instance in the template; every other key must be the single unit's, value for value.
+INSTANCE_KEYS = {
+    "Description",
+    "ExecStart",
+    "User",
+    "StateDirectory",
+    "CacheDirectory",
+    "Environment",
+    "EnvironmentFile",
+    "WorkingDirectory",
+}
+
+
+def test_template_unit_is_the_single_unit_per_instance() -> None:
+    """runner-daemon@NAME: NAME's config, env file, user and folders; the same hardening."""
+    single, template = unit_values(UNIT), unit_values(TEMPLATE)
+    for key in (set(single) | set(template)) - INSTANCE_KEYS:
+        assert template.get(key) == single.get(key), key
+    assert "landlock_restrict_self" in " ".join(template["SystemCallFilter"])
+    assert template["ExecStart"] == ["/usr/local/bin/runner-daemon run --config /etc/runner-daemon/%i.toml"]
+    assert template["EnvironmentFile"] == ["-/etc/runner-daemon/%i.env"]
+    assert template["DynamicUser"] == ["yes"] and template["User"] == ["runner-daemon-%i"]
+    # Its own state directory and workspace, which no other instance's name can produce.
+    state, workspace = template["StateDirectory"][0].split()
+    assert (state, workspace) == ("runner-daemon@%i", "runner-daemon-workspace@%i")
+    assert template["WorkingDirectory"] == [f"%S/{workspace}"]
+    assert template["CacheDirectory"] == ["runner-daemon@%i"]
+    assert "HOME=%C/runner-daemon@%i" in template["Environment"]
+    assert "RUNNER_DAEMON_LOG_FORMAT=json" in template["Environment"]
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_check_systemd_passes() -> None:
-    """verify is clean and `systemd-analyze security --offline=true` scores at most 2.0."""
+    """verify is clean and `systemd-analyze security --offline=true` scores both units ≤ 1.5."""
     result = subprocess.run(
         [str(REPO / ".ci" / "check-systemd")],
         cwd=REPO,
@@ -99,8 +135,9 @@ def test_check_systemd_passes() -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "check-systemd: ok" in result.stdout, output
-    score = re.search(r"security: exposure (\d+(?:\.\d+)?)", result.stdout)
-    assert score is not None and float(score.group(1)) <= 2.0, output
+    scores = dict(re.findall(r"security: (\S+) exposure (\d+(?:\.\d+)?)", result.stdout))
+    assert set(scores) == {UNIT.name, TEMPLATE.name}, output
+    assert all(float(score) <= MAX_EXPOSURE for score in scores.values()), output
 
 
 # --- Docker ------------------------------------------------------------------------------------
