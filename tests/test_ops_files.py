@@ -140,6 +140,32 @@ def test_check_systemd_passes() -> None:
     assert all(float(score) <= MAX_EXPOSURE for score in scores.values()), output
 
 
+def test_readme_says_one_thing_about_the_units() -> None:
+    """One exposure limit (the units', check-systemd's, the README's); one form of pairing."""
+    readme = (REPO / "README.md").read_text()
+    limits = set(re.findall(r"fails above an exposure\s+of (\d+\.\d+)", readme))
+    assert limits == {str(MAX_EXPOSURE)}
+    check = (REPO / ".ci" / "check-systemd").read_text()
+    assert f'MAX_EXPOSURE="${{MAX_EXPOSURE:-{MAX_EXPOSURE}}}"' in check
+    # Every `systemd-run ... pair` runs as the unit's user, waits, and names the unit's config.
+    pairs = [
+        " ".join(command.replace("\\", " ").split())
+        for command in re.findall(r"systemd-run [^`]*", readme)  # up to the end of its code
+        if " pair " in command
+    ]
+    assert len(pairs) >= 2
+    for command in pairs:
+        assert re.match(
+            r"systemd-run --pty --wait --collect -p DynamicUser=yes -p User=runner-daemon\S* ", command
+        )
+        assert re.search(
+            r"-p StateDirectory=runner-daemon\S* -p EnvironmentFile=/etc/runner-daemon/\S+ ", command
+        )
+        assert re.search(r" runner-daemon pair --config /etc/runner-daemon/\S+\.toml ", command), command
+    # The command is `runner-daemon` throughout (the README says where it lives).
+    assert ".venv/bin/runner-daemon " not in readme
+
+
 # --- Docker ------------------------------------------------------------------------------------
 
 
