@@ -424,7 +424,7 @@ def cmd_devserver(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from runner_daemon.demo import run_demo
 
-    return run_demo(args.log_format)
+    return run_demo(args.log_format, args.verbose)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -513,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="dev server + daemon in one process; submits a few commands")
     demo.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
+    demo.add_argument("--verbose", action="store_true", help="log lines on stderr, not in a file")
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="measure throughput, latency, CPU, memory and start-up time")

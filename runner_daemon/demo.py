@@ -3,24 +3,30 @@
 It creates a small workspace, starts the dev server on a free port, runs the daemon against
 it, submits a handful of commands as Opik's UI would, prints each result with its duration,
 then stops the daemon gracefully. Exit 0 when every command reached the status expected.
+
+Stdout is the table alone and then one summary line: the daemon's and the dev server's log
+lines go to a file the summary names (they interleaved with the rows, and a row's own
+"command finished" line could come after it), or to stderr with ``--verbose``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import anyio
+import structlog
 
 from runner_daemon.client import RunnerApi
 from runner_daemon.daemon import Daemon, ExitStatus
 from runner_daemon.devserver.server import DevServer, DevServerConfig
 from runner_daemon.handlers import discover
-from runner_daemon.logs import configure_logging
+from runner_daemon.logs import Secret, configure_logging
 from runner_daemon.models import CommandRecord
 from runner_daemon.outbox import Outbox
 from runner_daemon.settings import LogFormat, load_settings
@@ -69,7 +75,10 @@ def _summary(record: CommandRecord) -> str:
     return text if len(text) <= 110 else text[:107] + "..."
 
 
-async def _demo(server: DevServer, workspace: Path, state: Path, log_format: LogFormat) -> int:
+async def _demo(
+    server: DevServer, workspace: Path, state: Path, log_format: LogFormat, log_stream: TextIO
+) -> int:
+    """Print a row for each command; return how many did not end as expected."""
     async with RunnerApi(server.url) as api:
         # The dev server signs this runner's commands with the key, as Opik's UI does.
         bridge_key = secrets.token_bytes(32)
@@ -85,7 +94,11 @@ async def _demo(server: DevServer, workspace: Path, state: Path, log_format: Log
                 "shutdown_grace_seconds": 5,
             },
         )
-        configure_logging(settings.log_level, settings.log_format, settings.secret_values())
+        secrets_to_scrub: list[Secret] = [*settings.secret_values(), bridge_key]
+        configure_logging(settings.log_level, settings.log_format, secrets_to_scrub, log_stream)
+        structlog.get_logger(__name__).info(
+            "demo started", dev_server=server.url, workspace=str(workspace), runner_id=runner_id
+        )
         outbox, recovered = Outbox.open(settings.state_directory)
         daemon = Daemon(settings, api, discover(), outbox, bridge_key, recovered=recovered)
         failures = 0
@@ -93,7 +106,6 @@ async def _demo(server: DevServer, workspace: Path, state: Path, log_format: Log
             tg.start_soon(daemon.run)
             with anyio.fail_after(10):
                 await daemon.running.wait()
-            print(f"\nsubmitting {len(DEMO_COMMANDS)} commands to runner {runner_id}\n", flush=True)
             for kind, args, status, code in DEMO_COMMANDS:
                 command_id = await api.submit_command(runner_id, kind, args)
                 record = await api.get_command(runner_id, command_id, wait=30)
@@ -108,18 +120,37 @@ async def _demo(server: DevServer, workspace: Path, state: Path, log_format: Log
                     f"{mark} {kind:<11} {shown:<38} -> {record.status:<9} {took:>4} ms  {_summary(record)}",
                     flush=True,
                 )
-            print(flush=True)
             daemon.request_stop("demo finished")
-        total = len(DEMO_COMMANDS)
-        print(f"{total - failures} of {total} commands ended as expected", flush=True)
-        return ExitStatus.OK if failures == 0 else ExitStatus.FAILURE
+        return failures
 
 
-def run_demo(log_format: LogFormat = "auto") -> int:
+def _run(log_format: LogFormat, log_stream: TextIO) -> int:
     with tempfile.TemporaryDirectory(prefix="runner-daemon-demo-") as tmp:
         workspace, state = Path(tmp) / "workspace", Path(tmp) / "state"
         workspace.mkdir()
         _make_workspace(workspace)
+        # Configured before the dev server starts, so its own log lines go the same way.
+        configure_logging("info", log_format, (), log_stream)
         with DevServer(config=DevServerConfig(poll_hold_seconds=1)) as server:
-            print(f"dev server on {server.url}; workspace {workspace}", file=sys.stderr, flush=True)
-            return anyio.run(_demo, server, workspace, state, log_format)
+            return anyio.run(_demo, server, workspace, state, log_format, log_stream)
+
+
+def run_demo(log_format: LogFormat = "auto", verbose: bool = False) -> int:
+    """The table on stdout, then a summary naming where the log lines went."""
+    total = len(DEMO_COMMANDS)
+    if verbose:
+        failures = _run(log_format, sys.stderr)
+        print(f"{total - failures} of {total} commands ended as expected", flush=True)
+        return ExitStatus.OK if failures == 0 else ExitStatus.FAILURE
+    # Kept after the demo (mode 0600, in the temp folder) for reading; named in the summary.
+    fd, log_path = tempfile.mkstemp(prefix="runner-daemon-demo-", suffix=".log")
+    with os.fdopen(fd, "w", encoding="utf-8", buffering=1) as log_file:
+        try:
+            failures = _run(log_format, log_file)
+        except BaseException:
+            print(f"runner-daemon demo: failed; the daemon's log: {log_path}", file=sys.stderr, flush=True)
+            raise
+    print(
+        f"{total - failures} of {total} commands ended as expected; the daemon's log: {log_path}", flush=True
+    )
+    return ExitStatus.OK if failures == 0 else ExitStatus.FAILURE

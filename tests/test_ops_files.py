@@ -13,10 +13,14 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from importlib.metadata import distribution
 from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from pydantic import BaseModel
 
 from runner_daemon.daemon import ExitStatus
@@ -24,7 +28,11 @@ from runner_daemon.settings import ENV_PREFIX, Settings
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "runner-daemon.service"
+TEMPLATE = REPO / "systemd" / "runner-daemon@.service"
+# The exposure `systemd-analyze security` may give a unit: the target the units name.
+MAX_EXPOSURE = 1.5
 DOCKERFILE = REPO / "Dockerfile"
+CONSTRAINTS = REPO / "constraints.txt"
 SIDECAR = REPO / "deploy" / "kubernetes" / "sidecar.yaml"
 
 
@@ -56,8 +64,9 @@ def assert_real_setting(name: str) -> None:
 # --- systemd -----------------------------------------------------------------------------------
 
 
-def test_unit_matches_the_code() -> None:
-    values = unit_values(UNIT)
+@pytest.mark.parametrize("unit", [UNIT, TEMPLATE], ids=lambda path: path.name)
+def test_unit_matches_the_code(unit: Path) -> None:
+    values = unit_values(unit)
     prevented = {int(status) for status in values["RestartPreventExitStatus"][0].split()}
     assert prevented == {
         ExitStatus.USAGE,
@@ -72,15 +81,47 @@ def test_unit_matches_the_code() -> None:
     stop_timeout = int(values["TimeoutStopSec"][0])
     assert stop_timeout >= Settings.model_fields["shutdown_grace_seconds"].default + 10
     # The daemon takes the first entry of $STATE_DIRECTORY as its state directory.
-    assert values["StateDirectory"][0].split()[0] == "runner-daemon"
+    assert values["StateDirectory"][0].split()[0] in ("runner-daemon", "runner-daemon@%i")
     assert "PrivateNetwork" not in values or values["PrivateNetwork"] == ["no"]
-    for name in setting_names_in(UNIT.read_text()):
+    for name in setting_names_in(unit.read_text()):
         assert_real_setting(name)
+    assert f"target ≤ {MAX_EXPOSURE}" in unit.read_text()
+
+
+# Per instance in the template; every other key must be the single unit's, value for value.
+INSTANCE_KEYS = {
+    "Description",
+    "ExecStart",
+    "User",
+    "StateDirectory",
+    "CacheDirectory",
+    "Environment",
+    "EnvironmentFile",
+    "WorkingDirectory",
+}
+
+
+def test_template_unit_is_the_single_unit_per_instance() -> None:
+    """runner-daemon@NAME: NAME's config, env file, user and folders; the same hardening."""
+    single, template = unit_values(UNIT), unit_values(TEMPLATE)
+    for key in (set(single) | set(template)) - INSTANCE_KEYS:
+        assert template.get(key) == single.get(key), key
+    assert "landlock_restrict_self" in " ".join(template["SystemCallFilter"])
+    assert template["ExecStart"] == ["/usr/local/bin/runner-daemon run --config /etc/runner-daemon/%i.toml"]
+    assert template["EnvironmentFile"] == ["-/etc/runner-daemon/%i.env"]
+    assert template["DynamicUser"] == ["yes"] and template["User"] == ["runner-daemon-%i"]
+    # Its own state directory and workspace, which no other instance's name can produce.
+    state, workspace = template["StateDirectory"][0].split()
+    assert (state, workspace) == ("runner-daemon@%i", "runner-daemon-workspace@%i")
+    assert template["WorkingDirectory"] == [f"%S/{workspace}"]
+    assert template["CacheDirectory"] == ["runner-daemon@%i"]
+    assert "HOME=%C/runner-daemon@%i" in template["Environment"]
+    assert "RUNNER_DAEMON_LOG_FORMAT=json" in template["Environment"]
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_check_systemd_passes() -> None:
-    """verify is clean and `systemd-analyze security --offline=true` scores at most 2.0."""
+    """verify is clean and `systemd-analyze security --offline=true` scores both units ≤ 1.5."""
     result = subprocess.run(
         [str(REPO / ".ci" / "check-systemd")],
         cwd=REPO,
@@ -94,8 +135,35 @@ def test_check_systemd_passes() -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "check-systemd: ok" in result.stdout, output
-    score = re.search(r"security: exposure (\d+(?:\.\d+)?)", result.stdout)
-    assert score is not None and float(score.group(1)) <= 2.0, output
+    scores = dict(re.findall(r"security: (\S+) exposure (\d+(?:\.\d+)?)", result.stdout))
+    assert set(scores) == {UNIT.name, TEMPLATE.name}, output
+    assert all(float(score) <= MAX_EXPOSURE for score in scores.values()), output
+
+
+def test_readme_says_one_thing_about_the_units() -> None:
+    """One exposure limit (the units', check-systemd's, the README's); one form of pairing."""
+    readme = (REPO / "README.md").read_text()
+    limits = set(re.findall(r"fails above an exposure\s+of (\d+\.\d+)", readme))
+    assert limits == {str(MAX_EXPOSURE)}
+    check = (REPO / ".ci" / "check-systemd").read_text()
+    assert f'MAX_EXPOSURE="${{MAX_EXPOSURE:-{MAX_EXPOSURE}}}"' in check
+    # Every `systemd-run ... pair` runs as the unit's user, waits, and names the unit's config.
+    pairs = [
+        " ".join(command.replace("\\", " ").split())
+        for command in re.findall(r"systemd-run [^`]*", readme)  # up to the end of its code
+        if " pair " in command
+    ]
+    assert len(pairs) >= 2
+    for command in pairs:
+        assert re.match(
+            r"systemd-run --pty --wait --collect -p DynamicUser=yes -p User=runner-daemon\S* ", command
+        )
+        assert re.search(
+            r"-p StateDirectory=runner-daemon\S* -p EnvironmentFile=/etc/runner-daemon/\S+ ", command
+        )
+        assert re.search(r" runner-daemon pair --config /etc/runner-daemon/\S+\.toml ", command), command
+    # The command is `runner-daemon` throughout (the README says where it lives).
+    assert ".venv/bin/runner-daemon " not in readme
 
 
 # --- Docker ------------------------------------------------------------------------------------
@@ -123,10 +191,16 @@ def test_dockerfile_shape() -> None:
     instructions = dockerfile_instructions()
     stages = [i for i, (word, _) in enumerate(instructions) if word == "FROM"]
     assert len(stages) >= 2, "a builder stage and a final stage"
-    assert all(instructions[i][1].split()[0] == "python:3.11-slim" for i in stages)
+    # Every stage starts from one base image, pinned by digest in a build argument.
+    assert all(instructions[i][1].split()[0] == "${PYTHON_IMAGE}" for i in stages)
+    args = [rest for word, rest in instructions[: stages[0]] if word == "ARG"]
+    assert any(re.fullmatch(r"PYTHON_IMAGE=python:3\.11-slim@sha256:[0-9a-f]{64}", arg) for arg in args), args
     final = instructions[stages[-1] :]
     final_text = "\n".join(f"{word} {rest}" for word, rest in final)
-    assert "pip wheel --no-deps" in "\n".join(rest for word, rest in instructions if word == "RUN")
+    runs = "\n".join(rest for word, rest in instructions if word == "RUN")
+    assert "pip wheel --no-deps" in runs
+    assert re.search(r"pip install --constraint constraints\.txt ", runs)
+    assert any(word == "COPY" and "constraints.txt" in rest.split() for word, rest in instructions)
     assert not re.search(r"\b(gcc|build-essential|pip wheel)\b", final_text), (
         "no build tools in the final image"
     )
@@ -134,7 +208,9 @@ def test_dockerfile_shape() -> None:
     assert "rm -rf /var/lib/apt/lists/*" in final_text
     last = {word: rest for word, rest in final}  # the instruction in force: the last of its kind
     assert last["USER"].split(":")[0] == "10001"
-    assert json.loads(last["ENTRYPOINT"]) == ["runner-daemon"]
+    # tini as PID 1 reaps what Exec commands orphan, without `docker run --init`.
+    assert re.search(r"apt-get install -y --no-install-recommends [^\n]*\btini\b", final_text)
+    assert json.loads(last["ENTRYPOINT"]) == ["/usr/bin/tini", "--", "runner-daemon"]
     assert json.loads(last["CMD"]) == ["run"]
     assert last["STOPSIGNAL"] == "SIGTERM"
     assert last["WORKDIR"] == "/workspace"
@@ -150,6 +226,83 @@ def test_dockerfile_shape() -> None:
         assert assignment in env.split(), assignment
     for name in setting_names_in(DOCKERFILE.read_text()):
         assert_real_setting(name)
+
+
+def runtime_requirements() -> list[Requirement]:
+    """What the image installs: runner-daemon's own requirements and the syntax extra's."""
+    requirements = [Requirement(text) for text in distribution("runner-daemon").requires or []]
+    return [r for r in requirements if r.marker is None or r.marker.evaluate({"extra": "syntax"})]
+
+
+def runtime_closure() -> dict[str, str]:
+    """Every distribution the image installs (canonical name -> version installed here)."""
+    found: dict[str, str] = {}
+    pending = list(runtime_requirements())
+    while pending:
+        requirement = pending.pop()
+        name = canonicalize_name(requirement.name)
+        if name in found:
+            continue
+        installed = distribution(requirement.name)
+        found[name] = installed.version
+        for text in installed.requires or []:
+            dependency = Requirement(text)
+            if dependency.marker is None or dependency.marker.evaluate({"extra": ""}):
+                pending.append(dependency)
+    return found
+
+
+def constraints() -> dict[str, str]:
+    """constraints.txt as canonical name -> pinned version; every line must be an exact pin."""
+    pins: dict[str, str] = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            pin = re.fullmatch(r"([A-Za-z0-9._-]+)==([A-Za-z0-9.+!-]+)", line.strip())
+            assert pin is not None, f"not an exact pin: {line!r}"
+            pins[canonicalize_name(pin.group(1))] = pin.group(2)
+    return pins
+
+
+def test_constraints_pin_every_runtime_dependency() -> None:
+    """The image's constraints name exactly the packages the wheel (with syntax) pulls in."""
+    wanted, pinned = set(runtime_closure()), set(constraints())
+    assert not wanted - pinned, f"constraints.txt lacks {sorted(wanted - pinned)}"
+    assert not pinned - wanted, f"constraints.txt pins what is not installed: {sorted(pinned - wanted)}"
+
+
+def test_constraints_resolve() -> None:
+    """pip resolves the image's install from constraints.txt (PyPI, metadata only, nothing installed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--dry-run",
+                "--ignore-installed",
+                "--only-binary=:all:",
+                "--disable-pip-version-check",
+                "--quiet",
+                "--report",
+                str(report),
+                "--constraint",
+                str(CONSTRAINTS),
+                # Without their markers: pip would drop `extra == "syntax"` ones.
+                *(f"{r.name}{r.specifier}" for r in runtime_requirements()),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        resolved = {
+            canonicalize_name(item["metadata"]["name"]): item["metadata"]["version"]
+            for item in json.loads(report.read_text())["install"]
+        }
+    assert resolved == constraints()
 
 
 def find_hadolint() -> str | None:
@@ -199,6 +352,26 @@ def mounts_of(container: dict[str, Any]) -> dict[str, str]:
     return {mount["mountPath"]: mount["name"] for mount in container.get("volumeMounts", [])}
 
 
+def workspace_mount(container: dict[str, Any]) -> dict[str, Any]:
+    return next(mount for mount in container["volumeMounts"] if mount["mountPath"] == "/workspace")
+
+
+def test_kubernetes_sidecar_matches_the_schema() -> None:
+    """Every document validates, strictly (no unknown fields), against Kubernetes 1.29's schema.
+
+    kubernetes-validate ships the schemas in its wheel: no cluster and no download. 1.29 is
+    the oldest version with native sidecars, which the example needs.
+    """
+    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed")
+    kubernetes_validate = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate is not installed"
+    )
+    documents = [d for d in yaml.safe_load_all(SIDECAR.read_text()) if d]
+    assert documents
+    for document in documents:
+        kubernetes_validate.validate(document, "1.29.0", strict=True)
+
+
 def test_kubernetes_sidecar() -> None:
     yaml = pytest.importorskip("yaml", reason="PyYAML is not installed")
     documents = [d for d in yaml.safe_load_all(SIDECAR.read_text()) if d]
@@ -219,6 +392,10 @@ def test_kubernetes_sidecar() -> None:
     assert {"emptyDir", "persistentVolumeClaim"} & set(volumes[workspace])
     for app in spec["containers"]:
         assert mounts_of(app).get("/workspace") == workspace, app["name"]
+    # As the example says: the daemon writes the workspace, the app only reads it.
+    assert not workspace_mount(runner).get("readOnly", False)
+    for app in spec["containers"]:
+        assert workspace_mount(app).get("readOnly") is True, app["name"]
 
     # Credentials from a Secret; the bridge key as a file in a mounted secret volume.
     env = env_of(runner)
@@ -232,6 +409,9 @@ def test_kubernetes_sidecar() -> None:
     for name in env:
         if name.startswith(ENV_PREFIX):
             assert_real_setting(name)
+
+    # The image's ENTRYPOINT (tini, then the daemon) stays in force: no `command:`.
+    assert "command" not in runner and runner["args"] == ["run"]
 
     # Probes through `runner-daemon health`.
     assert runner["startupProbe"]["exec"]["command"] == ["runner-daemon", "health"]
