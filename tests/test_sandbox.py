@@ -17,6 +17,7 @@ from runner_daemon.client import RunnerApi
 from runner_daemon.devserver.server import DevServer
 from runner_daemon.errors import ConfigError
 from runner_daemon.sandbox import SandboxPolicy, SandboxSupport, build_policy
+from runner_daemon.settings import load_settings
 from tests.support import DaemonProcesses, daemon_environment, finish, runner_connected, until, wait_terminal
 
 SUPPORT = SandboxSupport.probe()
@@ -217,12 +218,19 @@ async def test_a_real_daemon_confines_what_exec_runs(
     # A background process that tries the same later, after its command was answered.
     await run_exec(f"sleep 1; cat $HOME/.ssh/id_ed25519 > {place['ws']}/stolen.txt 2>&1", True)
     works = {what: await run_exec(script) for what, script in WORKS.items()}
+    assert (place["ws"] / ".git").is_dir()
+    (place["ws"] / "found.txt").write_text("needle\n")
+    search_id = await api.submit_command(runner_id, "SearchFiles", {"pattern": "needle"})
+    search = await wait_terminal(api, runner_id, search_id, 30)
     await until((place["ws"] / "stolen.txt").exists, 20)
     stolen = (place["ws"] / "stolen.txt").read_text()
     daemon.send_signal(signal.SIGTERM)
     await finish(daemon, 60)
     for what, result in works.items():
         assert result["exit_code"] == 0, (what, result)
+    # SearchFiles' git (a work tree since "git status" above) runs in the read-only sandbox.
+    assert search.status == "completed", search
+    assert [match["file"] for match in search.result["matches"]] == ["found.txt"]
     if sandbox == "landlock":
         for what, result in attacks.items():
             assert result["exit_code"] != 0, (what, result)
@@ -250,3 +258,16 @@ def test_the_sandbox_command_shows_what_a_command_can_do(place: dict[str, Path])
     assert "Landlock ABI" in denied.stderr and "TCP bind: denied" in denied.stderr
     allowed = subprocess.run([*cli, "ls", "/usr/bin"], env=env, capture_output=True, text=True, check=False)
     assert allowed.returncode == 0 and "bash" in allowed.stdout
+
+
+def test_without_landlock_the_default_refuses_to_start(
+    place: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runner_daemon import sandbox
+
+    monkeypatch.setattr(sandbox, "landlock_abi", lambda: 0)
+    settings = load_settings(None, {"workspace_root": place["ws"], "state_directory": place["state"]})
+    with pytest.raises(ConfigError, match='set \\[exec\\] sandbox = "off"'):
+        sandbox.sandbox_for(settings)
+    off = load_settings(None, {"workspace_root": place["ws"], "exec": {"sandbox": "off"}})
+    assert sandbox.sandbox_for(off)[0] is None
