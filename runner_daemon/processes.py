@@ -25,8 +25,9 @@ anything that left its group with ``setsid``, escape it.
 Their output goes to ``exec-<n>.log`` in one folder per daemon process: by default a fresh
 ``runner-daemon-<pid>-exec-*`` folder under the system temporary folder (``$TMPDIR``,
 usually ``/tmp``), mode 0700, files mode 0600. It is outside the workspace on purpose
-(logs must not show up in the workspace's files or its git status) and is kept after the
-daemon stops, so the output of a killed server can still be read.
+(logs must not show up in the workspace's files or its git status). That folder goes when
+the daemon stops, with the processes whose output it held (a folder given in the settings
+is left alone); a daemon killed outright leaves it for the system's temporary-file cleaner.
 """
 
 from __future__ import annotations
@@ -251,6 +252,7 @@ class BackgroundProcesses:
     """The background children of one daemon: the limit, the log folder, the stop."""
 
     def __init__(self, log_dir: Path | None = None, watcher: GroupWatcher | None = None) -> None:
+        self._own_log_dir = log_dir is None  # made here, so removed here
         # Foreground commands report their groups to it too.
         self.watcher = watcher or GroupWatcher()
         self._log_dir = log_dir
@@ -335,6 +337,8 @@ class BackgroundProcesses:
         await _terminate(entries, grace)
         self._forget_ended(entries)
         self.watcher.close()
+        if self._own_log_dir and self._log_dir is not None:
+            shutil.rmtree(self._log_dir, ignore_errors=True)
 
     def _forget_ended(self, entries: Sequence[BackgroundProcess]) -> None:
         for entry in entries:

@@ -451,3 +451,21 @@ async def test_a_hang_up_of_a_closed_terminal_still_drains_and_exits_0(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_background_log_folder_goes_with_the_daemon(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, daemons: DaemonProcesses
+) -> None:
+    proc = daemons.spawn(daemon_environment(devserver.url, runner_id, workspace))
+    await until(lambda: runner_connected(api, runner_id), 20)
+    command_id = await api.submit_command(
+        runner_id, "Exec", {"command": "echo hi; sleep 60", "background": True}
+    )
+    record = await wait_terminal(api, runner_id, command_id, 20)
+    assert record.result is not None
+    log_folder = Path(record.result["log_file"]).parent
+    assert log_folder.is_dir() and log_folder.name.startswith(f"runner-daemon-{proc.pid}-exec-")
+    proc.send_signal(signal.SIGTERM)
+    await finish(proc, 60)
+    assert proc.returncode == 0 and not log_folder.exists()
