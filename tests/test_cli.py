@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -283,3 +285,27 @@ def test_check_config_shows_the_paired_runner_and_masks_its_key(
     out = capsys.readouterr().out
     assert f'runner_id = "{runner_id}"' in out and "# bridge key: *** (from" in out
     assert encode_bridge_key(key) not in out
+
+
+def test_stopping_tasks_py_devserver_stops_the_server(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    repo = Path(__file__).resolve().parent.parent
+    out = (tmp_path / "out.txt").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "tasks.py", "devserver", "--port", str(port)], cwd=repo, stdout=out, stderr=out
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while "listening" not in (tmp_path / "out.txt").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "out.txt").read_text()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        with socket.socket() as client, pytest.raises(ConnectionRefusedError):
+            client.connect(("127.0.0.1", port))  # the server went with the script
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out.close()
