@@ -20,7 +20,7 @@ from runner_daemon.client import RunnerApi
 from runner_daemon.daemon import Daemon
 from runner_daemon.handlers import HandlerRegistry, discover
 from runner_daemon.handlers.base import Args, Handler, HandlerContext, HandlerServices
-from runner_daemon.loop import Executor
+from runner_daemon.loop import BridgeLoop, Executor, LoopStats
 from runner_daemon.outbox import Outbox
 from runner_daemon.settings import Settings, load_settings
 
@@ -281,3 +281,29 @@ def started_in_journal(state_directory: Path) -> set[str]:
         if isinstance(record, dict) and record.get("op") == "started":
             ids.add(str(record["id"]))
     return ids
+
+
+def bare_loop(settings: Settings, api: RunnerApi) -> BridgeLoop:
+    """The loop's phases without a daemon around them."""
+    outbox = open_outbox(settings)
+    return BridgeLoop(
+        settings, api, registry_for_tests(), LoopStats(), lambda exc: None, lambda: None, outbox
+    )
+
+
+def process_gone(pid: int) -> bool:
+    """Not running: no such process, or a zombie waiting for its (new) parent to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except FileNotFoundError:
+        return True
+    return stat[stat.rfind(b")") + 2 :].split()[0] in (b"Z", b"X")
+
+
+def git(root: Path, *args: str) -> None:
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false", *args],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    )

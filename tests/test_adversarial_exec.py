@@ -37,6 +37,7 @@ from tests.support import (
     executor_for,
     finish,
     output,
+    process_gone,
     runner_connected,
     until,
     wait_terminal,
@@ -99,15 +100,6 @@ def test_child_environment_keeps_innocent_values(tmp_path: Path) -> None:
 
 
 # --- nothing outlives a foreground command ------------------------------------------------
-
-
-def process_gone(pid: int) -> bool:
-    """Not running: no such process, or a zombie waiting for its (new) parent to reap it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except FileNotFoundError:
-        return True
-    return stat[stat.rfind(b")") + 2 :].split()[0] in (b"Z", b"X")
 
 
 def pid_in(path: Path) -> int | None:

@@ -30,7 +30,15 @@ from runner_daemon.client import RunnerApi
 from runner_daemon.devserver.server import DevServer
 from runner_daemon.models import BridgeCommand
 from runner_daemon.outcome import Outcome
-from tests.support import DaemonProcesses, daemon_environment, executor_for, finish, runner_connected, until
+from tests.support import (
+    DaemonProcesses,
+    daemon_environment,
+    executor_for,
+    finish,
+    git,
+    runner_connected,
+    until,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.adversarial]
 
@@ -76,15 +84,6 @@ def swapping(first: Path, second: Path) -> Iterator[None]:
             yield
         finally:
             proc.kill()
-
-
-def git(root: Path, *args: str) -> None:
-    subprocess.run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false", *args],
-        cwd=root,
-        check=True,
-        capture_output=True,
-    )
 
 
 async def run(root: Path, command_type: str, args: dict[str, Any], timeout: int = 30) -> Outcome:

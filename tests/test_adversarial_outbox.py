@@ -24,17 +24,15 @@ import pytest
 from runner_daemon.client import RunnerApi
 from runner_daemon.devserver.server import DevServer, DevServerConfig
 from runner_daemon.errors import Conflict
-from runner_daemon.loop import BridgeLoop, LoopStats
 from runner_daemon.outbox import JOURNAL_FILE, Outbox, OwedResult
 from tests.support import (
     DaemonProcesses,
+    bare_loop,
     command_status_is,
     daemon_environment,
     finish,
     make_settings,
-    open_outbox,
     output,
-    registry_for_tests,
     until,
     wait_terminal,
 )
@@ -357,16 +355,7 @@ async def test_commands_beyond_what_was_asked_are_answered_without_running(
     devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
 ) -> None:
     await api.heartbeat(runner_id, ["bridge"])
-    settings = make_settings(devserver.url, runner_id, workspace)
-    loop = BridgeLoop(
-        settings,
-        api,
-        registry_for_tests(),
-        LoopStats(),
-        lambda exc: None,
-        lambda: None,
-        open_outbox(settings),
-    )
+    loop = bare_loop(make_settings(devserver.url, runner_id, workspace), api)
     ids = [await api.submit_command(runner_id, "Count", {"token": f"t{i}"}) for i in range(3)]
     items = await loop.poll(5)  # all three, as a server ignoring max_commands would send them
     async with anyio.create_task_group() as work:

@@ -15,9 +15,9 @@ from runner_daemon.devserver.server import DevServer, DevServerConfig
 from runner_daemon.errors import Conflict
 from runner_daemon.loop import BridgeLoop, LoopStats
 from runner_daemon.models import ResultReport
-from runner_daemon.settings import Settings
 from tests.support import (
     GateHandler,
+    bare_loop,
     command_status_is,
     make_settings,
     open_outbox,
@@ -233,24 +233,11 @@ async def test_grace_expiry_cancels_and_reports_cancelled(
     assert running.exit_status == ExitStatus.OK
 
 
-def _bare_loop(settings: Settings, api: RunnerApi) -> BridgeLoop:
-    """The loop's phases without a daemon around them."""
-    return BridgeLoop(
-        settings,
-        api,
-        registry_for_tests(),
-        LoopStats(),
-        lambda exc: None,
-        lambda: None,
-        open_outbox(settings),
-    )
-
-
 async def test_commands_returned_while_stopping_get_a_final_report(
     devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
 ) -> None:
     await api.heartbeat(runner_id, ["bridge"])
-    loop = _bare_loop(make_settings(devserver.url, runner_id, workspace), api)
+    loop = bare_loop(make_settings(devserver.url, runner_id, workspace), api)
     ids = [await api.submit_command(runner_id, "ReadFile", {"path": "README.md"}) for _ in range(2)]
     items = await loop.poll(5)  # a poll that was open when the stop came
     loop.stop_polling()

@@ -22,7 +22,7 @@ from runner_daemon.models import BridgeCommand
 from runner_daemon.outcome import Outcome
 from runner_daemon.settings import load_settings
 from runner_daemon.workspace import Workspace
-from tests.support import executor_for
+from tests.support import executor_for, git
 
 pytestmark = pytest.mark.anyio
 
@@ -99,15 +99,6 @@ async def search(root: Path, **args: Any) -> dict[str, Any]:
 def error_of(outcome: Outcome) -> tuple[str, str]:
     assert outcome.status == "failed" and outcome.error is not None
     return outcome.error.code, outcome.error.message
-
-
-def git(root: Path, *args: str) -> None:
-    subprocess.run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false", *args],
-        cwd=root,
-        check=True,
-        capture_output=True,
-    )
 
 
 def write(root: Path, files: dict[str, str | bytes]) -> None:
