@@ -38,8 +38,11 @@ CAPABILITIES = [BRIDGE_CAPABILITY]
 # Declared from a stop on: a non-empty list without "bridge" replaces the stored one, so the
 # server refuses new submissions (409) and a held poll may then be closed without losing one.
 DRAINING_CAPABILITIES = ["draining"]
-# After that heartbeat, how long the open poll may still bring a command submitted just before.
-RACE_WAIT_SECONDS = 1.0
+# After that heartbeat was answered, how long the open poll may still bring a command it took
+# just before (its answer left Opik before the heartbeat's did: this covers the jitter).
+RACE_WAIT_SECONDS = 0.5
+# How long the closing sweep's poll waits: one that finds commands pending answers at once.
+SWEEP_WAIT_SECONDS = 0.5
 State = Literal["starting", "running", "draining", "stopped"]
 
 
@@ -269,7 +272,7 @@ class Daemon:
                     with anyio.move_on_after(self._settings.request_timeout_seconds):
                         await self._withdrawal.wait()
                     if self._withdrawn:
-                        await self.loop.sweep(RACE_WAIT_SECONDS, work)
+                        await self.loop.sweep(SWEEP_WAIT_SECONDS, work)
                 # Heartbeats go on while draining: the server must still see us alive.
                 # One grace period from the stop request, the open poll's wait included.
                 grace = self._settings.shutdown_grace_seconds
