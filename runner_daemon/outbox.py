@@ -275,9 +275,6 @@ class Outbox:
         """The result already delivered for ``command_id``, while it is still kept."""
         return self._bodies.get(command_id)
 
-    def signature_seen(self, digest: str) -> bool:
-        return digest in self._signatures
-
     def _forget(self, command_id: str, at: float) -> None:
         self._started.pop(command_id, None)
         self._owed.pop(command_id, None)
