@@ -35,7 +35,7 @@ from runner_daemon.hardening import forbid_inspection
 from runner_daemon.logs import Secret, configure_logging, scrub
 from runner_daemon.notify import Notifier
 from runner_daemon.outbox import Outbox, Recovered
-from runner_daemon.sandbox import SandboxPolicy, SandboxSupport, protected_entries, sandbox_for
+from runner_daemon.sandbox import SandboxPolicy, SandboxSupport, sandbox_for
 from runner_daemon.settings import SECRET_ENV_NAMES, Settings, load_settings, parse_listen
 from runner_daemon.workspace import Workspace
 
@@ -323,9 +323,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         _print_error('sandbox: [exec] sandbox = "off": commands run unconfined')
         return ExitStatus.CONFIG
     workspace = Workspace(settings.workspace_root, settings.deny_paths, settings.deny_write_paths)
-    protected = protected_entries(workspace) if sandbox.protection else []
     with tempfile.TemporaryDirectory(prefix="runner-daemon-cmd-") as temporary:
-        policy = sandbox.allowing_writes(Path(temporary)).protecting(*protected)
+        policy = sandbox.for_command(workspace, Path(temporary))
         print(
             f"{PROG} sandbox: {support.describe()}\n"
             f"  read and execute: {' '.join(policy.read)}\n"

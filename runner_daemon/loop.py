@@ -452,8 +452,7 @@ class BridgeLoop:
                 outcome = await self._execute_in_slot(command, scope, start, refusal)
             await self.reporter.report(command.command_id, command.type, outcome)
         finally:
-            del self._claimed[command.command_id]
-            self._notify()
+            self._release(command.command_id)
 
     async def _answer_again(self, command: BridgeCommand | MalformedCommand) -> None:
         """A command this runner claimed before, delivered again: answered, never re-run.
@@ -478,8 +477,7 @@ class BridgeLoop:
                 )
                 await self.reporter.report(command.command_id, command.type, outcome)
         finally:
-            del self._claimed[command.command_id]
-            self._notify()
+            self._release(command.command_id)
 
     async def _execute_in_slot(
         self,
@@ -538,8 +536,12 @@ class BridgeLoop:
         try:
             await self.reporter.deliver(entry, recovered=True)
         finally:
-            del self._claimed[entry.command_id]
-            self._notify()
+            self._release(entry.command_id)
+
+    def _release(self, command_id: str) -> None:
+        """The command's result is delivered (or given up): its slot is free again."""
+        del self._claimed[command_id]
+        self._notify()
 
     def _free_slots(self) -> int:
         return self._settings.max_concurrency - len(self._claimed)

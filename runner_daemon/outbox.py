@@ -315,10 +315,9 @@ class Outbox:
             # The file is being replaced, or may end in a torn line: the line goes through
             # the buffer, after the swap or behind a fresh newline.
             try:
-                await self._append(line, durable=True)
+                await self._append_or_withdraw(line)
             except JournalUnavailable:
                 self._started.pop(command_id, None)
-                self._buffer = [kept for kept in self._buffer if kept is not line]
                 raise
             return
         # One small O_APPEND write to the page cache, like a log line, done here: from a
@@ -345,13 +344,11 @@ class Outbox:
             return False
         at = time.time()
         self._remember_signature(digest, at)
-        line = _line({"op": "sig", "sig": digest, "at": at})
         try:
-            await self._append(line, durable=True)
+            await self._append_or_withdraw(_line({"op": "sig", "sig": digest, "at": at}))
         except JournalUnavailable:
             # Not durable, so not accepted: the command will not run, and may come again.
             self._signatures.pop(digest, None)
-            self._buffer = [kept for kept in self._buffer if kept is not line]
             raise
         return True
 
@@ -368,6 +365,15 @@ class Outbox:
     @property
     def owed(self) -> int:
         return len(self._owed)
+
+    async def _append_or_withdraw(self, line: bytes) -> None:
+        """A durable append whose line is taken back if the disk refuses it (its caller
+        refuses the command, so the line must not be written later)."""
+        try:
+            await self._append(line, durable=True)
+        except JournalUnavailable:
+            self._buffer = [kept for kept in self._buffer if kept is not line]
+            raise
 
     async def _append(self, line: bytes, *, durable: bool) -> None:
         self._buffer.append(line)

@@ -103,6 +103,12 @@ class SandboxPolicy:
     def protecting(self, *paths: Path) -> SandboxPolicy:
         return replace(self, protected=(*self.protected, *map(str, paths)))
 
+    def for_command(self, workspace: Workspace, temporary: Path) -> SandboxPolicy:
+        """One command's policy: its temporary folder writable, and the workspace's top-level
+        write-denied entries (``.git``) read-only where this machine allows it. Blocking."""
+        policy = self.allowing_writes(temporary)
+        return policy.protecting(*protected_entries(workspace)) if policy.protection else policy
+
     def without_writes(self) -> SandboxPolicy:
         """Everything writable becomes read-only (the devices stay writable)."""
         writable = tuple(path for path in self.write if path in DEVICES)

@@ -41,7 +41,6 @@ from runner_daemon.processes import (
     kill_process_group,
     poll_until,
 )
-from runner_daemon.sandbox import protected_entries
 from runner_daemon.settings import SECRET_ENV_NAMES, ExecSettings, Settings
 
 MAX_OUTPUT_BYTES = 512 * 1024
@@ -371,10 +370,7 @@ def confine(argv: list[str], ctx: HandlerContext) -> tuple[Path, list[str]]:
     workspace's write-denied entries (``.git``) read-only. Blocking: run in a worker thread."""
     assert ctx.services.sandbox is not None
     temporary = Path(tempfile.mkdtemp(prefix="runner-daemon-cmd-"))
-    policy = ctx.services.sandbox.allowing_writes(temporary)
-    if policy.protection:
-        policy = policy.protecting(*protected_entries(ctx.workspace))
-    return temporary, policy.wrap(argv)
+    return temporary, ctx.services.sandbox.for_command(ctx.workspace, temporary).wrap(argv)
 
 
 HANDLER = ExecHandler()
