@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import structlog
 
-from runner_daemon import logs
-from runner_daemon.client import RunnerApi
+from runner_daemon.core import logs
+from runner_daemon.core.api import RunnerApi
 from runner_daemon.devserver.server import DevServer, DevServerConfig
 from tests.support import DaemonProcesses
 

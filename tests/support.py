@@ -16,13 +16,13 @@ from typing import IO, Any, ClassVar
 
 import anyio
 
-from runner_daemon.client import RunnerApi
-from runner_daemon.daemon import Daemon
-from runner_daemon.handlers import HandlerRegistry, discover
-from runner_daemon.handlers.base import Args, Handler, HandlerContext, HandlerServices
-from runner_daemon.loop import BridgeLoop, Executor, LoopStats
-from runner_daemon.outbox import Outbox
-from runner_daemon.settings import Settings, load_settings
+from runner_daemon.bridge.handlers import HandlerRegistry, discover
+from runner_daemon.bridge.handlers.base import Args, Handler, HandlerContext, HandlerServices
+from runner_daemon.bridge.loop import BridgeLoop, Executor, LoopStats
+from runner_daemon.core.api import RunnerApi
+from runner_daemon.core.outbox import Outbox
+from runner_daemon.core.settings import Settings, load_settings
+from runner_daemon.service.daemon import Daemon
 
 # Short timings so failures and retries take milliseconds, not seconds.
 FAST = {

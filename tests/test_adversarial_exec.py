@@ -21,14 +21,14 @@ from typing import IO, Any
 
 import pytest
 
-from runner_daemon.auth import encode_bridge_key
-from runner_daemon.client import RunnerApi
+from runner_daemon.bridge.handlers.exec import child_environment
+from runner_daemon.bridge.outcome import Outcome
+from runner_daemon.bridge.signing import encode_bridge_key
+from runner_daemon.core.api import RunnerApi
+from runner_daemon.core.models import BridgeCommand
+from runner_daemon.core.settings import load_settings
 from runner_daemon.devserver.server import DevServer
-from runner_daemon.handlers.exec import child_environment
-from runner_daemon.models import BridgeCommand
-from runner_daemon.outcome import Outcome
-from runner_daemon.processes import GroupWatcher, group_alive
-from runner_daemon.settings import load_settings
+from runner_daemon.system.processes import GroupWatcher, group_alive
 from tests.support import (
     REPO,
     DaemonProcesses,

@@ -26,10 +26,10 @@ from typing import Any
 import anyio
 import pytest
 
-from runner_daemon.client import RunnerApi
+from runner_daemon.bridge.outcome import Outcome
+from runner_daemon.core.api import RunnerApi
+from runner_daemon.core.models import BridgeCommand
 from runner_daemon.devserver.server import DevServer
-from runner_daemon.models import BridgeCommand
-from runner_daemon.outcome import Outcome
 from tests.support import (
     DaemonProcesses,
     daemon_environment,

@@ -26,11 +26,8 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner_daemon import credentials
-from runner_daemon.cli import main
-from runner_daemon.client import RunnerApi, _AnswerTooLarge, _BoundedBody
-from runner_daemon.devserver.server import DevServer
-from runner_daemon.errors import (
+from runner_daemon.core.api import RunnerApi, _AnswerTooLarge, _BoundedBody
+from runner_daemon.core.errors import (
     ConfigError,
     ProtocolError,
     RunnerGone,
@@ -38,8 +35,11 @@ from runner_daemon.errors import (
     TransportError,
     Unauthorized,
 )
-from runner_daemon.logs import Scrubber, configure_logging, secret_forms
-from runner_daemon.settings import load_settings
+from runner_daemon.core.logs import Scrubber, configure_logging, secret_forms
+from runner_daemon.core.settings import load_settings
+from runner_daemon.devserver.server import DevServer
+from runner_daemon.service import credentials
+from runner_daemon.service.cli import main
 from tests.hostile import MIB, HostileServer, Request, bomb, json_answer
 from tests.support import (
     REPO,

@@ -21,10 +21,10 @@ from typing import Any
 import anyio
 import pytest
 
-from runner_daemon.client import RunnerApi
+from runner_daemon.core.api import RunnerApi
+from runner_daemon.core.errors import Conflict
+from runner_daemon.core.outbox import JOURNAL_FILE, Outbox, OwedResult
 from runner_daemon.devserver.server import DevServer, DevServerConfig
-from runner_daemon.errors import Conflict
-from runner_daemon.outbox import JOURNAL_FILE, Outbox, OwedResult
 from tests.support import (
     DaemonProcesses,
     bare_loop,

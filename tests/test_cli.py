@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from runner_daemon.cli import main
-from runner_daemon.client import RunnerApi
+from runner_daemon.core.api import RunnerApi
 from runner_daemon.devserver.server import DevServer
+from runner_daemon.service.cli import main
 from tests.support import (
     DaemonProcesses,
     daemon_environment,
@@ -118,7 +118,7 @@ def test_check_config_masks_the_api_key(
 def test_example_config_is_valid_and_documents_every_key(capsys: pytest.CaptureFixture[str]) -> None:
     from pydantic import BaseModel
 
-    from runner_daemon.settings import Settings
+    from runner_daemon.core.settings import Settings
 
     example = REPO / "config" / "runner-daemon.toml"
     assert main(["check-config", "--config", str(example)]) == 0
@@ -275,8 +275,8 @@ def test_pair_against_an_unreachable_server_exits_75_and_ttl_is_checked_in_one_l
 def test_check_config_shows_the_paired_runner_and_masks_its_key(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from runner_daemon import credentials
-    from runner_daemon.auth import encode_bridge_key
+    from runner_daemon.bridge.signing import encode_bridge_key
+    from runner_daemon.service import credentials
 
     runner_id = "0d7c8e3a-0000-4000-8000-000000000002"
     key = b"k" * 32

@@ -13,9 +13,8 @@ import anyio.abc
 import httpx
 import pytest
 
-from runner_daemon.client import RunnerApi, _readable, _Stream, retry_after_seconds, tls_context
-from runner_daemon.devserver.server import DevServer
-from runner_daemon.errors import (
+from runner_daemon.core.api import RunnerApi, _readable, _Stream, retry_after_seconds, tls_context
+from runner_daemon.core.errors import (
     AlreadyReported,
     Conflict,
     RateLimited,
@@ -26,7 +25,8 @@ from runner_daemon.errors import (
     TransportError,
     Unauthorized,
 )
-from runner_daemon.models import ResultReport
+from runner_daemon.core.models import ResultReport
+from runner_daemon.devserver.server import DevServer
 
 pytestmark = pytest.mark.anyio
 

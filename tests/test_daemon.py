@@ -9,12 +9,12 @@ from pathlib import Path
 import anyio
 import pytest
 
-from runner_daemon.client import RunnerApi
-from runner_daemon.daemon import ExitStatus
+from runner_daemon.bridge.loop import BridgeLoop, LoopStats
+from runner_daemon.core.api import RunnerApi
+from runner_daemon.core.errors import Conflict
+from runner_daemon.core.models import ResultReport
 from runner_daemon.devserver.server import DevServer, DevServerConfig
-from runner_daemon.errors import Conflict
-from runner_daemon.loop import BridgeLoop, LoopStats
-from runner_daemon.models import ResultReport
+from runner_daemon.service.daemon import ExitStatus
 from tests.support import (
     GateHandler,
     bare_loop,
@@ -193,7 +193,7 @@ async def test_disconnect_mid_run_stops_with_the_documented_status(
 
 
 async def test_unknown_runner_at_start_exits_disconnected(devserver: DevServer, workspace: Path) -> None:
-    from runner_daemon.daemon import Daemon
+    from runner_daemon.service.daemon import Daemon
 
     settings = make_settings(devserver.url, "7f1c2a52-0d6a-4a4e-9d0b-5a4a4f6d8e11", workspace)
     async with RunnerApi.from_settings(settings) as client:

@@ -13,9 +13,8 @@ import anyio
 import httpx
 import pytest
 
-from runner_daemon.client import RunnerApi
-from runner_daemon.devserver.server import DevServer, DevServerConfig
-from runner_daemon.errors import (
+from runner_daemon.core.api import RunnerApi
+from runner_daemon.core.errors import (
     AlreadyReported,
     Conflict,
     RateLimited,
@@ -23,8 +22,9 @@ from runner_daemon.errors import (
     RunnerEvicted,
     RunnerGone,
 )
-from runner_daemon.models import PairingActivation, PairingSessionRequest, ResultReport
-from runner_daemon.pairing import activation_hmac
+from runner_daemon.core.models import PairingActivation, PairingSessionRequest, ResultReport
+from runner_daemon.devserver.server import DevServer, DevServerConfig
+from runner_daemon.service.pairing import activation_hmac
 from tests.support import command_status_is, until
 
 pytestmark = pytest.mark.anyio

@@ -15,9 +15,8 @@ import anyio
 import httpx
 import pytest
 
-from runner_daemon.client import RunnerApi
-from runner_daemon.devserver.server import DevServer, DevServerConfig
-from runner_daemon.errors import (
+from runner_daemon.core.api import RunnerApi
+from runner_daemon.core.errors import (
     AlreadyReported,
     ApiError,
     RateLimited,
@@ -25,7 +24,8 @@ from runner_daemon.errors import (
     ServerError,
     TransportError,
 )
-from runner_daemon.models import ResultReport
+from runner_daemon.core.models import ResultReport
+from runner_daemon.devserver.server import DevServer, DevServerConfig
 from tests.support import REPO, command_status_is, environ_without_settings, until
 
 pytestmark = pytest.mark.anyio

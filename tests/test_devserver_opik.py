@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from runner_daemon.client import RunnerApi
+from runner_daemon.core.api import RunnerApi
+from runner_daemon.core.models import PairingActivation, PairingSessionRequest
 from runner_daemon.devserver.server import DevServer
-from runner_daemon.models import PairingActivation, PairingSessionRequest
-from runner_daemon.pairing import activation_hmac
+from runner_daemon.service.pairing import activation_hmac
 from tests.support import DaemonProcesses, daemon_environment, finish, until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]

@@ -11,15 +11,15 @@ from typing import Any
 import anyio
 import pytest
 
-from runner_daemon.handlers import discover
-from runner_daemon.handlers import exec as exec_module
-from runner_daemon.handlers.base import HandlerServices
-from runner_daemon.handlers.exec import OutputCapture, child_environment, is_blocked, utf8_prefix
-from runner_daemon.loop import Executor
-from runner_daemon.models import BridgeCommand
-from runner_daemon.outcome import Outcome
-from runner_daemon.processes import BackgroundProcesses
-from runner_daemon.settings import load_settings
+from runner_daemon.bridge.handlers import discover
+from runner_daemon.bridge.handlers import exec as exec_module
+from runner_daemon.bridge.handlers.base import HandlerServices
+from runner_daemon.bridge.handlers.exec import OutputCapture, child_environment, is_blocked, utf8_prefix
+from runner_daemon.bridge.loop import Executor
+from runner_daemon.bridge.outcome import Outcome
+from runner_daemon.core.models import BridgeCommand
+from runner_daemon.core.settings import load_settings
+from runner_daemon.system.processes import BackgroundProcesses
 from tests.support import executor_for, process_gone, until
 
 pytestmark = pytest.mark.anyio

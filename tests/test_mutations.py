@@ -10,18 +10,18 @@ from typing import Any
 import anyio
 import pytest
 
-from runner_daemon.fileio import AnchoredDir
-from runner_daemon.handlers.edit_file import fuzzy_view
-from runner_daemon.outcome import Outcome
-from runner_daemon.syntax import check_syntax
-from runner_daemon.workspace import Workspace
+from runner_daemon.bridge.fileio import AnchoredDir
+from runner_daemon.bridge.handlers.edit_file import fuzzy_view
+from runner_daemon.bridge.outcome import Outcome
+from runner_daemon.bridge.syntax import check_syntax
+from runner_daemon.bridge.workspace import Workspace
 from tests.support import executor_for
 
 pytestmark = pytest.mark.anyio
 
 
 async def run(root: Path, command_type: str, args: dict[str, Any], **settings: Any) -> Outcome:
-    from runner_daemon.models import BridgeCommand
+    from runner_daemon.core.models import BridgeCommand
 
     command = BridgeCommand(command_id="c1", type=command_type, args=args)
     return await executor_for(root, **settings).execute(command)
@@ -227,7 +227,7 @@ async def test_concurrent_edits_to_one_file_serialise(workspace: Path) -> None:
     target = workspace / "log.txt"
     target.write_text("END\n")
     executor = executor_for(workspace)
-    from runner_daemon.models import BridgeCommand
+    from runner_daemon.core.models import BridgeCommand
 
     async def append(i: int) -> None:
         edits = [{"old_string": "END\n", "new_string": f"entry {i}\nEND\n"}]
@@ -252,7 +252,7 @@ async def test_a_symlink_swapped_in_during_the_edit_cannot_escape(workspace: Pat
     real = ws.resolve("src/pkg/mod.py", write=True)
     os.rename(workspace / "src" / "pkg", workspace / "src" / "pkg-moved")
     (workspace / "src" / "pkg").symlink_to(outside)
-    from runner_daemon.errors import CommandFailed
+    from runner_daemon.core.errors import CommandFailed
 
     with pytest.raises(CommandFailed) as info:
         AnchoredDir.open_parent(ws, real)

@@ -15,11 +15,11 @@ from typing import Any, ClassVar
 import anyio
 import pytest
 
-from runner_daemon.client import RunnerApi, probe
-from runner_daemon.daemon import ExitStatus
+from runner_daemon.bridge.handlers.base import Args, Handler, HandlerContext
+from runner_daemon.core.api import RunnerApi, probe
 from runner_daemon.devserver.server import DevServer
-from runner_daemon.handlers.base import Args, Handler, HandlerContext
-from runner_daemon.notify import Notifier
+from runner_daemon.service.daemon import ExitStatus
+from runner_daemon.service.notify import Notifier
 from tests.support import (
     DaemonProcesses,
     GateHandler,
@@ -128,7 +128,7 @@ async def test_ready_after_first_contact_then_watchdog_pings_and_silence_when_we
     notifier = Notifier(path, watchdog_usec=200_000)  # a ping every 0.1 s
     settings = make_settings(devserver.url, runner_id, workspace)
     async with RunnerApi.from_settings(settings) as client:
-        from runner_daemon.daemon import Daemon
+        from runner_daemon.service.daemon import Daemon
 
         daemon = Daemon(
             settings,
@@ -190,7 +190,7 @@ async def test_health_endpoints_through_the_daemons_life(
     await api.dev_post("faults", {"route": "heartbeat", "status": 503, "count": 1000})
     gated = GateHandler()
     async with RunnerApi.from_settings(settings) as client:
-        from runner_daemon.daemon import Daemon
+        from runner_daemon.service.daemon import Daemon
 
         daemon = Daemon(settings, client, registry_for_tests(gated), open_outbox(settings))
         status: list[int] = []
@@ -283,8 +283,8 @@ async def test_health_command_exit_status(devserver: DevServer, runner_id: str, 
 
 
 def test_health_listen_must_be_host_port() -> None:
-    from runner_daemon.errors import ConfigError
-    from runner_daemon.settings import load_settings
+    from runner_daemon.core.errors import ConfigError
+    from runner_daemon.core.settings import load_settings
 
     with pytest.raises(ConfigError, match=r"health\.listen: Value error, expected host:port"):
         load_settings(None, {"health": {"listen": "9464"}})
@@ -305,7 +305,7 @@ async def test_status_says_what_is_true_now(
     await api.dev_post("faults", {"route": "poll", "status": 503, "count": 2})
     gated = GateHandler()
     async with RunnerApi.from_settings(settings) as client:
-        from runner_daemon.daemon import Daemon
+        from runner_daemon.service.daemon import Daemon
 
         daemon = Daemon(settings, client, registry_for_tests(gated), open_outbox(settings), notifier=notifier)
         async with anyio.create_task_group() as tg:
@@ -334,7 +334,7 @@ async def test_an_outage_shows_in_status_and_metrics_not_as_a_silent_watchdog(
     # Contact counts as lost after 3 heartbeats and a request's time: about 1.4 s here.
     settings = make_settings(devserver.url, runner_id, workspace, request_timeout_seconds=0.5)
     async with RunnerApi.from_settings(settings) as client:
-        from runner_daemon.daemon import Daemon
+        from runner_daemon.service.daemon import Daemon
 
         daemon = Daemon(settings, client, registry_for_tests(), open_outbox(settings), notifier=notifier)
         async with anyio.create_task_group() as tg:

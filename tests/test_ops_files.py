@@ -23,8 +23,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from pydantic import BaseModel
 
-from runner_daemon.daemon import ExitStatus
-from runner_daemon.settings import ENV_PREFIX, Settings
+from runner_daemon.core.settings import ENV_PREFIX, Settings
+from runner_daemon.service.daemon import ExitStatus
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "runner-daemon.service"

@@ -15,11 +15,11 @@ from typing import Any
 import anyio
 import pytest
 
-from runner_daemon import outbox as outbox_module
-from runner_daemon.client import RunnerApi
+from runner_daemon.core import outbox as outbox_module
+from runner_daemon.core.api import RunnerApi
+from runner_daemon.core.errors import ConfigError
+from runner_daemon.core.outbox import JOURNAL_FILE, Interrupted, Outbox, OwedResult, Recovered
 from runner_daemon.devserver.server import DevServer
-from runner_daemon.errors import ConfigError
-from runner_daemon.outbox import JOURNAL_FILE, Interrupted, Outbox, OwedResult, Recovered
 from tests.support import (
     DaemonProcesses,
     daemon_environment,
@@ -307,7 +307,7 @@ async def test_a_404_on_re_send_is_dropped_not_fatal(
     await outbox.close()
     outbox, recovered = Outbox.open(tmp_path / "state")
     settings = make_settings(devserver.url, runner_id, workspace)
-    from runner_daemon.daemon import Daemon
+    from runner_daemon.service.daemon import Daemon
     from tests.support import registry_for_tests
 
     async with RunnerApi.from_settings(settings) as client:

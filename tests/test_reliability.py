@@ -24,9 +24,9 @@ from typing import Any
 import anyio
 import pytest
 
-from runner_daemon.client import RunnerApi
+from runner_daemon.core.api import RunnerApi
+from runner_daemon.core.errors import ApiError
 from runner_daemon.devserver.server import DevServer, DevServerConfig
-from runner_daemon.errors import ApiError
 from tests.support import DaemonProcesses, daemon_environment, finish, output, started_in_journal, until
 
 pytestmark = [

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from runner_daemon.client import RunnerApi
+from runner_daemon.core.api import RunnerApi
+from runner_daemon.core.errors import ConfigError
+from runner_daemon.core.settings import load_settings
 from runner_daemon.devserver.server import DevServer
-from runner_daemon.errors import ConfigError
-from runner_daemon.sandbox import SandboxPolicy, SandboxSupport, build_policy
-from runner_daemon.settings import load_settings
+from runner_daemon.system.sandbox import SandboxPolicy, SandboxSupport, build_policy
 from tests.support import DaemonProcesses, daemon_environment, finish, runner_connected, until, wait_terminal
 
 SUPPORT = SandboxSupport.probe()
@@ -263,7 +263,7 @@ def test_the_sandbox_command_shows_what_a_command_can_do(place: dict[str, Path])
 def test_without_landlock_the_default_refuses_to_start(
     place: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from runner_daemon import sandbox
+    from runner_daemon.system import sandbox
 
     monkeypatch.setattr(sandbox, "landlock_abi", lambda: 0)
     settings = load_settings(None, {"workspace_root": place["ws"], "state_directory": place["state"]})

@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from runner_daemon.handlers import discover
-from runner_daemon.handlers import search_files as search_module
-from runner_daemon.handlers.base import HandlerContext, HandlerServices
-from runner_daemon.models import BridgeCommand
-from runner_daemon.outcome import Outcome
-from runner_daemon.settings import load_settings
-from runner_daemon.workspace import Workspace
+from runner_daemon.bridge.handlers import discover
+from runner_daemon.bridge.handlers import search_files as search_module
+from runner_daemon.bridge.handlers.base import HandlerContext, HandlerServices
+from runner_daemon.bridge.outcome import Outcome
+from runner_daemon.bridge.workspace import Workspace
+from runner_daemon.core.models import BridgeCommand
+from runner_daemon.core.settings import load_settings
 from tests.support import executor_for, git
 
 pytestmark = pytest.mark.anyio

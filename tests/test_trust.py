@@ -18,14 +18,14 @@ from typing import Any
 import anyio
 import pytest
 
-from runner_daemon import cli, pairing
-from runner_daemon.auth import HMAC_FIELD, derive_bridge_key, sign, sign_result, verify_command
-from runner_daemon.client import RunnerApi
-from runner_daemon.credentials import CREDENTIALS_FILE, Credentials, load, resolve, store
+from runner_daemon.bridge.signing import HMAC_FIELD, derive_bridge_key, sign, sign_result, verify_command
+from runner_daemon.core.api import RunnerApi
+from runner_daemon.core.errors import ConfigError
+from runner_daemon.core.settings import load_settings
 from runner_daemon.devserver.server import DevServer
-from runner_daemon.errors import ConfigError
-from runner_daemon.pairing import activation_hmac, pairing_link, parse_link_fragment
-from runner_daemon.settings import load_settings
+from runner_daemon.service import cli, pairing
+from runner_daemon.service.credentials import CREDENTIALS_FILE, Credentials, load, resolve, store
+from runner_daemon.service.pairing import activation_hmac, pairing_link, parse_link_fragment
 from tests.support import (
     FAST,
     DaemonProcesses,
@@ -50,7 +50,7 @@ KEY = bytes(range(32))
 
 
 def test_hkdf_matches_rfc_5869_test_case_1() -> None:
-    from runner_daemon.auth import hkdf_sha256
+    from runner_daemon.bridge.signing import hkdf_sha256
 
     okm = hkdf_sha256(bytes([0x0B] * 22), bytes(range(13)), bytes(range(0xF0, 0xFA)), 32)
     assert okm.hex() == "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf"
@@ -280,8 +280,8 @@ async def test_pairing_that_nobody_approves_expires(
 
 @pytest.mark.anyio
 async def test_activation_needs_the_key_from_the_link(devserver: DevServer, api: RunnerApi) -> None:
-    from runner_daemon.errors import Unauthorized
-    from runner_daemon.models import PairingActivation, PairingSessionRequest
+    from runner_daemon.core.errors import Unauthorized
+    from runner_daemon.core.models import PairingActivation, PairingSessionRequest
 
     session = await api.create_pairing_session(
         PairingSessionRequest(project_id=str(uuid.uuid4()), activation_key=base64.b64encode(KEY).decode())
@@ -291,7 +291,7 @@ async def test_activation_needs_the_key_from_the_link(devserver: DevServer, api:
         await api.activate_pairing_session(
             session.session_id, PairingActivation(runner_name="x", hmac=forged)
         )
-    from runner_daemon.errors import RunnerGone
+    from runner_daemon.core.errors import RunnerGone
 
     with pytest.raises(RunnerGone):
         await api.get_runner(session.runner_id)  # not visible until activated

@@ -12,10 +12,7 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runner_daemon.backoff import Backoff
-from runner_daemon.logs import configure_logging
-from runner_daemon.models import BridgeCommand
-from runner_daemon.outcome import (
+from runner_daemon.bridge.outcome import (
     MAX_PAYLOAD_CHARS,
     MalformedCommand,
     Outcome,
@@ -23,6 +20,9 @@ from runner_daemon.outcome import (
     encode_report,
     parse_command,
 )
+from runner_daemon.core.logs import configure_logging
+from runner_daemon.core.models import BridgeCommand
+from runner_daemon.core.retry import Backoff
 
 
 def test_backoff_grows_with_jitter_and_is_capped() -> None:

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
+from runner_daemon.core.errors import describe_validation_error
 from runner_daemon.devserver.faults import (
     ANSWER_KINDS,
     MALFORMED_KINDS,
@@ -28,8 +29,7 @@ from runner_daemon.devserver.faults import (
     mark_reset,
 )
 from runner_daemon.devserver.state import DEFAULT_WORKSPACE, ApiFailure, DevServerConfig, DevState, Fault
-from runner_daemon.errors import describe_validation_error
-from runner_daemon.pairing import approve
+from runner_daemon.service.pairing import approve
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 RUNNER = "/v1/private/local-runners/{runner_id}"

@@ -24,10 +24,10 @@ from typing import Any
 
 import anyio
 
-from runner_daemon.auth import HMAC_FIELD, derive_bridge_key, sign
+from runner_daemon.bridge.signing import HMAC_FIELD, derive_bridge_key, sign
+from runner_daemon.core.statedir import write_private_file
 from runner_daemon.devserver.faults import FaultInjector
-from runner_daemon.pairing import activation_hmac
-from runner_daemon.statedir import write_private_file
+from runner_daemon.service.pairing import activation_hmac
 
 DEFAULT_WORKSPACE = "default"  # a request without Comet-Workspace acts in it, as on a local Opik
 WRITE_TYPES = frozenset({"WriteFile", "EditFile", "Exec"})

@@ -1,0 +1,114 @@
+"""The one exception tree of runner-daemon.
+
+Everything the daemon raises on purpose derives from :class:`RunnerDaemonError`. HTTP status
+codes are mapped onto this tree in exactly one place, :func:`runner_daemon.core.api.raise_for_status`,
+so the loop speaks only in these names and never inspects a status code itself::
+
+    RunnerDaemonError
+    ├── ConfigError              bad settings; the CLI exits 78 (EX_CONFIG)
+    ├── JournalUnavailable       the outbox journal cannot be written (a full or failing disk)
+    ├── CommandFailed            a handler's refusal, reported as {"code", "message"}
+    └── ApiError                 the server answered, or could not be reached
+        ├── RunnerGone           404: the runner was disconnected (or never existed)
+        │   └── RunnerEvicted    410: deregistered, or replaced by a newer connection
+        ├── Conflict             409 in general (e.g. runner lacks the bridge capability)
+        │   └── AlreadyReported  409 on a result: the command is already terminal
+        ├── RateLimited          429, with the server's Retry-After
+        ├── Unauthorized         401/403: the API key or workspace is wrong
+        ├── RequestRejected      any other 4xx: our request was refused as it stands
+        └── RetryableError       worth trying again after a backoff
+            ├── ServerError      5xx
+            ├── TransportError   connect/read/write failures and timeouts
+            └── ProtocolError    a 2xx answer we could not parse
+"""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+
+class RunnerDaemonError(Exception):
+    """Base of every error runner-daemon raises on purpose."""
+
+
+class ConfigError(RunnerDaemonError):
+    """The settings are invalid; ``str()`` is one line naming the key and the problem."""
+
+
+class JournalUnavailable(RunnerDaemonError):
+    """The outbox journal cannot be written now; no new command may start until it can."""
+
+
+class CommandFailed(RunnerDaemonError):
+    """A command could not be carried out; ``code`` is Opik's error vocabulary."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ApiError(RunnerDaemonError):
+    """A call to the Opik runner API did not succeed."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RunnerGone(ApiError):
+    """The server no longer knows this runner: it was disconnected, purged or never paired."""
+
+
+class RunnerEvicted(RunnerGone):
+    """The runner was deregistered, or a newer pairing for the same project replaced it."""
+
+
+class Conflict(ApiError):
+    """The request conflicts with the server's state."""
+
+
+class AlreadyReported(Conflict):
+    """The command is already terminal: reported before, or timed out by the server."""
+
+
+class RateLimited(ApiError):
+    """The server asks us to slow down for ``retry_after`` seconds."""
+
+    def __init__(self, message: str, *, status: int | None = 429, retry_after: float) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class Unauthorized(ApiError):
+    """The API key or workspace was refused; retrying will not help."""
+
+
+class RequestRejected(ApiError):
+    """The server refused the request as malformed or too large; retrying will not help."""
+
+
+class RetryableError(ApiError):
+    """A transient failure: retry after a backoff."""
+
+
+class ServerError(RetryableError):
+    """The server failed (5xx)."""
+
+
+class TransportError(RetryableError):
+    """The request did not complete on the network (connect, read, write, timeout)."""
+
+
+class ProtocolError(RetryableError):
+    """The server answered success with a body we could not understand."""
+
+
+def describe_validation_error(exc: ValidationError, *, unknown: str = "unknown field") -> str:
+    """One line naming each offending key and its problem; never echoes the input value."""
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False):
+        key = ".".join(str(item) for item in error["loc"]) or "value"
+        message = unknown if error["type"] == "extra_forbidden" else error["msg"]
+        parts.append(f"{key}: {message}")
+    return "; ".join(parts)
