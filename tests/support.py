@@ -16,9 +16,11 @@ from typing import IO, Any, ClassVar
 
 import anyio
 
+from runner_daemon.bridge.executor import Executor
 from runner_daemon.bridge.handlers import HandlerRegistry, discover
 from runner_daemon.bridge.handlers.base import Args, Handler, HandlerContext, HandlerServices
-from runner_daemon.bridge.loop import BridgeLoop, Executor, LoopStats
+from runner_daemon.bridge.loop import BridgeLoop
+from runner_daemon.bridge.stats import LoopStats
 from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.outbox import Outbox
 from runner_daemon.core.settings import Settings, load_settings
@@ -123,7 +125,7 @@ def executor_for(root: Path, registry: HandlerRegistry | None = None, **settings
 
 def open_outbox(settings: Settings) -> Outbox:
     """The outbox in the settings' state directory (the daemon given it closes it)."""
-    outbox, _ = Outbox.open(settings.state_directory)
+    outbox = Outbox.open(settings.state_directory)
     return outbox
 
 
@@ -144,19 +146,18 @@ async def running_daemon(
     settings: Settings, registry: HandlerRegistry | None = None, bridge_key: bytes | None = None
 ) -> AsyncIterator[Running]:
     """Run a daemon in this event loop; on exit, stop it gracefully and record its status."""
-    async with RunnerApi.from_settings(settings) as api:
-        daemon = Daemon(settings, api, registry or registry_for_tests(), open_outbox(settings), bridge_key)
-        running = Running(daemon)
+    daemon = Daemon(settings, registry or registry_for_tests(), bridge_key=bridge_key)
+    running = Running(daemon)
 
-        async def run() -> None:
-            running.exit_status = int(await daemon.run())
+    async def run() -> None:
+        running.exit_status = int(await daemon.run())
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run)
-            with anyio.fail_after(10):
-                await daemon.running.wait()
-            yield running
-            daemon.request_stop("test over")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        with anyio.fail_after(10):
+            await daemon.running.wait()
+        yield running
+        daemon.request_stop("test over")
 
 
 async def wait_terminal(api: RunnerApi, runner_id: str, command_id: str, timeout: float = 10) -> Any:
@@ -286,9 +287,7 @@ def started_in_journal(state_directory: Path) -> set[str]:
 def bare_loop(settings: Settings, api: RunnerApi) -> BridgeLoop:
     """The loop's phases without a daemon around them."""
     outbox = open_outbox(settings)
-    return BridgeLoop(
-        settings, api, registry_for_tests(), LoopStats(), lambda exc: None, lambda: None, outbox
-    )
+    return BridgeLoop(settings, api, registry_for_tests(), LoopStats(), outbox, services=HandlerServices())
 
 
 def process_gone(pid: int) -> bool:

@@ -22,7 +22,7 @@ from typing import IO, Any
 import pytest
 
 from runner_daemon.bridge.handlers.exec import child_environment
-from runner_daemon.bridge.outcome import Outcome
+from runner_daemon.bridge.results import Outcome
 from runner_daemon.bridge.signing import encode_bridge_key
 from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.models import BridgeCommand

@@ -26,7 +26,7 @@ from typing import Any
 import anyio
 import pytest
 
-from runner_daemon.bridge.outcome import Outcome
+from runner_daemon.bridge.results import Outcome
 from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.models import BridgeCommand
 from runner_daemon.devserver.server import DevServer

@@ -278,7 +278,7 @@ def fill(folder: Path, *, journal_too: bool = False) -> Path:
 @ROOT_ONLY
 async def test_a_full_disk_is_detected_kept_in_memory_and_healed(tmp_path: Path) -> None:
     with tiny_tmpfs(tmp_path / "tiny") as folder:
-        outbox, _ = Outbox.open(folder)
+        outbox = Outbox.open(folder)
         await outbox.started("r1", "before", "ReadFile")
         filler = fill(folder)
         big = json.dumps({"status": "completed", "result": {"content": "x" * 20000}}).encode()
@@ -286,13 +286,14 @@ async def test_a_full_disk_is_detected_kept_in_memory_and_healed(tmp_path: Path)
         assert outbox.failure is not None
         with pytest.raises(Exception, match="cannot write its state directory"):
             await outbox.started("r1", "refused", "ReadFile")
-        assert outbox.owed == 1  # kept in memory, to be delivered all the same
+        assert outbox.undelivered == 1  # kept in memory, to be delivered all the same
         filler.unlink()
         assert await outbox.retry()
         await outbox.started("r1", "after", "Exec")
         await outbox.close()
-        reopened, recovered = Outbox.open(folder)
-        assert [entry.body for entry in recovered.owed] == [big]  # whole, though once torn
+        reopened = Outbox.open(folder)
+        recovered = reopened.recovered
+        assert [entry.body for entry in recovered.results] == [big]  # whole, though once torn
         assert [entry.command_id for entry in recovered.interrupted] == ["after"]
         await reopened.close()
 

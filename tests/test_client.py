@@ -67,9 +67,9 @@ async def test_report_conflict_is_already_reported(api: RunnerApi, runner_id: st
     await api.heartbeat(runner_id, ["bridge"])
     command_id = await api.submit_command(runner_id, "ReadFile", {"path": "x"})
     body = ResultReport(status="completed", result={}).model_dump_json().encode()
-    await api.report(runner_id, command_id, body, conflict=AlreadyReported)
+    await api.report(runner_id, command_id, body)
     with pytest.raises(AlreadyReported):
-        await api.report(runner_id, command_id, body, conflict=AlreadyReported)
+        await api.report(runner_id, command_id, body)
 
 
 async def test_unreachable_server_is_a_transport_error() -> None:

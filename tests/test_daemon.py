@@ -9,7 +9,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from runner_daemon.bridge.loop import BridgeLoop, LoopStats
+from runner_daemon.bridge.handlers.base import HandlerServices
+from runner_daemon.bridge.loop import BridgeLoop
+from runner_daemon.bridge.stats import LoopStats
 from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.errors import Conflict
 from runner_daemon.core.models import ResultReport
@@ -119,7 +121,7 @@ async def test_never_more_than_max_concurrency_handlers(
     async with running_daemon(settings, registry_for_tests(probe)) as running:
         ids = [await api.submit_command(runner_id, "Gate", {}) for _ in range(12)]
         # Three handlers held at the gate and the loop parked for a free slot: no fourth starts.
-        await until(lambda: probe.running == 3 and running.daemon.loop.waiting_for_slot)
+        await until(lambda: probe.running == 3 and running.daemon.liveness.parked)
         probe.gate.set()
         records = [await wait_terminal(api, runner_id, command_id) for command_id in ids]
     assert [r.status for r in records] == ["completed"] * 12
@@ -139,7 +141,7 @@ async def test_duplicate_report_is_treated_as_done(
             await gated.entered.wait()
         # Someone else (a previous run of the daemon, say) reports first.
         body = ResultReport(status="completed", result={"by": "test"}).model_dump_json().encode()
-        await api.report(runner_id, command_id, body, conflict=Conflict)
+        await api.report(runner_id, command_id, body)
         gated.gate.set()
         await until(lambda: running.daemon.stats.already_reported > 0)
     record = await api.get_command(runner_id, command_id)
@@ -196,9 +198,8 @@ async def test_unknown_runner_at_start_exits_disconnected(devserver: DevServer, 
     from runner_daemon.service.daemon import Daemon
 
     settings = make_settings(devserver.url, "7f1c2a52-0d6a-4a4e-9d0b-5a4a4f6d8e11", workspace)
-    async with RunnerApi.from_settings(settings) as client:
-        with anyio.fail_after(10):
-            status = await Daemon(settings, client, registry_for_tests(), open_outbox(settings)).run()
+    with anyio.fail_after(10):
+        status = await Daemon(settings, registry_for_tests()).run()
     assert status == ExitStatus.DISCONNECTED
 
 
@@ -257,7 +258,7 @@ async def test_malformed_poll_items_are_answered_or_logged(
     stats = LoopStats()
     settings = make_settings(devserver.url, runner_id, workspace)
     loop = BridgeLoop(
-        settings, api, registry_for_tests(), stats, lambda exc: None, lambda: None, open_outbox(settings)
+        settings, api, registry_for_tests(), stats, open_outbox(settings), services=HandlerServices()
     )
     command_id = await api.submit_command(runner_id, "ReadFile", {"path": "README.md"})
     assert len(await loop.poll(5)) == 1

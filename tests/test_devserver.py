@@ -125,14 +125,12 @@ async def test_report_rules(api: RunnerApi, runner_id: str) -> None:
     command_id = await api.submit_command(runner_id, "ReadFile", {"path": "a"})
     for bad in (b'{"status": "done", "result": {}}', b'{"status": "completed"}', b"[1]", b"{not json"):
         with pytest.raises(RequestRejected):
-            await api.report(runner_id, command_id, bad, conflict=AlreadyReported)
+            await api.report(runner_id, command_id, bad)
     with pytest.raises(RunnerGone):
-        await api.report(
-            runner_id, "4d0c2a0e-0000-4000-8000-000000000000", COMPLETED, conflict=AlreadyReported
-        )
-    await api.report(runner_id, command_id, COMPLETED, conflict=AlreadyReported)
+        await api.report(runner_id, "4d0c2a0e-0000-4000-8000-000000000000", COMPLETED)
+    await api.report(runner_id, command_id, COMPLETED)
     with pytest.raises(AlreadyReported):
-        await api.report(runner_id, command_id, COMPLETED, conflict=AlreadyReported)
+        await api.report(runner_id, command_id, COMPLETED)
     record = await api.get_command(runner_id, command_id)
     assert (record.status, record.result, record.completed_at is not None) == (
         "completed",
@@ -148,7 +146,7 @@ async def test_unreported_commands_time_out_and_late_reports_are_409(api: Runner
     # The fixture's stale grace is 1 s: timed out about 2 s after pick-up.
     await until(lambda: command_status_is(api, runner_id, command_id, "timed_out"), 10)
     with pytest.raises(AlreadyReported):
-        await api.report(runner_id, command_id, COMPLETED, conflict=AlreadyReported)
+        await api.report(runner_id, command_id, COMPLETED)
 
 
 async def test_get_with_wait_returns_when_terminal(api: RunnerApi, runner_id: str) -> None:
@@ -158,7 +156,7 @@ async def test_get_with_wait_returns_when_terminal(api: RunnerApi, runner_id: st
 
         async def report_later() -> None:
             await anyio.sleep(0.3)
-            await api.report(runner_id, command_id, COMPLETED, conflict=AlreadyReported)
+            await api.report(runner_id, command_id, COMPLETED)
 
         tg.start_soon(report_later)
         record = await api.get_command(runner_id, command_id, wait=5)

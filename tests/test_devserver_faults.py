@@ -199,10 +199,10 @@ async def test_reset_before_processing_stores_nothing(api: RunnerApi, runner_id:
     command_id = await picked_up_command(api, runner_id)
     await set_profile(api, reset_rate=1.0, routes=["report"])
     with pytest.raises(TransportError):
-        await api.report(runner_id, command_id, COMPLETED, conflict=AlreadyReported)
+        await api.report(runner_id, command_id, COMPLETED)
     assert (await api.get_command(runner_id, command_id)).status == "picked_up"
     await api.dev_post("faults/clear", {})
-    await api.report(runner_id, command_id, COMPLETED, conflict=AlreadyReported)  # the retry is accepted
+    await api.report(runner_id, command_id, COMPLETED)  # the retry is accepted
     record = (await listed(api, runner_id))[command_id]
     assert (record["status"], record["report_attempts"], record["accepted_reports"]) == ("completed", 2, 1)
     assert (await fault_counters(api))["reset_before_processing"] == 1
@@ -214,14 +214,14 @@ async def test_reset_after_processing_stores_the_result_and_the_retry_is_409(
     command_id = await picked_up_command(api, runner_id)
     await set_profile(api, reset_after_processing_rate=1.0, routes=["report"])
     with pytest.raises(TransportError):
-        await api.report(runner_id, command_id, COMPLETED, conflict=AlreadyReported)
+        await api.report(runner_id, command_id, COMPLETED)
     record = await api.get_command(runner_id, command_id)
     assert (record.status, record.result) == ("completed", {"ok": True})
     with pytest.raises(TransportError):  # still resetting: the 409 is processed, then reset too
-        await api.report(runner_id, command_id, COMPLETED, conflict=AlreadyReported)
+        await api.report(runner_id, command_id, COMPLETED)
     await api.dev_post("faults/clear", {})
     with pytest.raises(AlreadyReported):
-        await api.report(runner_id, command_id, COMPLETED, conflict=AlreadyReported)
+        await api.report(runner_id, command_id, COMPLETED)
     record_listed = (await listed(api, runner_id))[command_id]
     assert (record_listed["report_attempts"], record_listed["accepted_reports"]) == (3, 1)
     stats = await api.dev_get(f"runners/{runner_id}/stats")
@@ -255,7 +255,7 @@ async def test_after_processing_resets_can_be_limited_to_some_routes(api: Runner
     command_id = await api.submit_command(runner_id, "ReadFile", {"path": "a"})
     await api.poll(runner_id, 1)
     with pytest.raises(TransportError):
-        await api.report(runner_id, command_id, COMPLETED, conflict=AlreadyReported)
+        await api.report(runner_id, command_id, COMPLETED)
 
 
 async def test_blackout_fails_everything_but_dev_routes_then_recovers(api: RunnerApi, runner_id: str) -> None:
@@ -321,7 +321,7 @@ async def test_commands_listing(api: RunnerApi, runner_id: str) -> None:
     first = await api.submit_command(runner_id, "ReadFile", {"path": "a"})
     second = await api.submit_command(runner_id, "ReadFile", {"path": "b"})
     await api.poll(runner_id, 1)
-    await api.report(runner_id, first, COMPLETED, conflict=AlreadyReported)
+    await api.report(runner_id, first, COMPLETED)
     commands = await api.dev_get(f"runners/{runner_id}/commands")
     assert [c["command_id"] for c in commands] == [first, second]
     assert [(c["status"], c["accepted_reports"], c["report_attempts"]) for c in commands] == [
@@ -349,7 +349,7 @@ async def test_restart_keeps_runners_commands_and_results(tmp_path: Path) -> Non
             quick = await api.submit_command(runner_id, "ReadFile", {"path": "q"}, timeout_seconds=1)
             done = await api.submit_command(runner_id, "ReadFile", {"path": "d"}, timeout_seconds=60)
             assert len(await api.poll(runner_id, 2)) == 2
-            await api.report(runner_id, done, COMPLETED, conflict=AlreadyReported)
+            await api.report(runner_id, done, COMPLETED)
             pending = await api.submit_command(runner_id, "ReadFile", {"path": "p"})
             await set_profile(api, error_rate=0.5, seed=11, routes=["heartbeat"])
             held: list[object] = []
@@ -378,8 +378,8 @@ async def test_restart_keeps_runners_commands_and_results(tmp_path: Path) -> Non
             record = await api.get_command(runner_id, done)
             assert (record.status, record.result) == ("completed", {"ok": True})
             with pytest.raises(AlreadyReported):
-                await api.report(runner_id, done, COMPLETED, conflict=AlreadyReported)
-            await api.report(runner_id, pending, COMPLETED, conflict=AlreadyReported)
+                await api.report(runner_id, done, COMPLETED)
+            await api.report(runner_id, pending, COMPLETED)
             # The picked-up command's timeout kept running across the restart: the reaper ends it.
             await until(lambda: command_status_is(api, runner_id, quick, "timed_out"), 10)
             # Later commands are still signed with the kept bridge key.

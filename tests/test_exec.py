@@ -11,12 +11,12 @@ from typing import Any
 import anyio
 import pytest
 
+from runner_daemon.bridge.executor import Executor
 from runner_daemon.bridge.handlers import discover
 from runner_daemon.bridge.handlers import exec as exec_module
 from runner_daemon.bridge.handlers.base import HandlerServices
 from runner_daemon.bridge.handlers.exec import OutputCapture, child_environment, is_blocked, utf8_prefix
-from runner_daemon.bridge.loop import Executor
-from runner_daemon.bridge.outcome import Outcome
+from runner_daemon.bridge.results import Outcome
 from runner_daemon.core.models import BridgeCommand
 from runner_daemon.core.settings import load_settings
 from runner_daemon.system.processes import BackgroundProcesses

@@ -12,7 +12,7 @@ import pytest
 
 from runner_daemon.bridge.fileio import AnchoredDir
 from runner_daemon.bridge.handlers.edit_file import fuzzy_view
-from runner_daemon.bridge.outcome import Outcome
+from runner_daemon.bridge.results import Outcome
 from runner_daemon.bridge.syntax import check_syntax
 from runner_daemon.bridge.workspace import Workspace
 from tests.support import executor_for

@@ -27,7 +27,6 @@ from tests.support import (
     environ_without_settings,
     finish,
     make_settings,
-    open_outbox,
     registry_for_tests,
     running_daemon,
     until,
@@ -127,28 +126,21 @@ async def test_ready_after_first_contact_then_watchdog_pings_and_silence_when_we
     path, listener = notify_socket
     notifier = Notifier(path, watchdog_usec=200_000)  # a ping every 0.1 s
     settings = make_settings(devserver.url, runner_id, workspace)
-    async with RunnerApi.from_settings(settings) as client:
-        from runner_daemon.service.daemon import Daemon
+    from runner_daemon.service.daemon import Daemon
 
-        daemon = Daemon(
-            settings,
-            client,
-            registry_for_tests(WedgeHandler(listener)),
-            open_outbox(settings),
-            notifier=notifier,
-        )
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(daemon.run)
-            await until(lambda: daemon.state == "running")
-            ready = listener.with_key("READY")
-            assert len(ready) == 1 and ready[0][1]["STATUS"].startswith("starting: 0 commands run")
-            await until(lambda: len(listener.with_key("WATCHDOG")) >= 2)
-            command_id = await api.submit_command(runner_id, "Wedge", {"seconds": 1.5})
-            record = await wait_terminal(api, runner_id, command_id)
-            assert record.result == {"pings": 0}  # no ping while the loop was wedged
-            after = len(listener.with_key("WATCHDOG"))
-            await until(lambda: len(listener.with_key("WATCHDOG")) > after)  # and pings again after
-            daemon.request_stop("test")
+    daemon = Daemon(settings, registry_for_tests(WedgeHandler(listener)), notifier=notifier)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(daemon.run)
+        await until(lambda: daemon.state == "running")
+        ready = listener.with_key("READY")
+        assert len(ready) == 1 and ready[0][1]["STATUS"].startswith("starting: 0 commands run")
+        await until(lambda: len(listener.with_key("WATCHDOG")) >= 2)
+        command_id = await api.submit_command(runner_id, "Wedge", {"seconds": 1.5})
+        record = await wait_terminal(api, runner_id, command_id)
+        assert record.result == {"pings": 0}  # no ping while the loop was wedged
+        after = len(listener.with_key("WATCHDOG"))
+        await until(lambda: len(listener.with_key("WATCHDOG")) > after)  # and pings again after
+        daemon.request_stop("test")
     stopping = listener.with_key("STOPPING")
     assert len(stopping) == 1 and stopping[0][1]["STATUS"].startswith("stopping (test)")
     statuses = [fields["STATUS"] for _, fields in listener.drain() if "STATUS" in fields]
@@ -189,39 +181,38 @@ async def test_health_endpoints_through_the_daemons_life(
     )
     await api.dev_post("faults", {"route": "heartbeat", "status": 503, "count": 1000})
     gated = GateHandler()
-    async with RunnerApi.from_settings(settings) as client:
-        from runner_daemon.service.daemon import Daemon
+    from runner_daemon.service.daemon import Daemon
 
-        daemon = Daemon(settings, client, registry_for_tests(gated), open_outbox(settings))
-        status: list[int] = []
-        async with anyio.create_task_group() as tg:
+    daemon = Daemon(settings, registry_for_tests(gated))
+    status: list[int] = []
+    async with anyio.create_task_group() as tg:
 
-            async def run() -> None:
-                status.append(int(await daemon.run()))
+        async def run() -> None:
+            status.append(int(await daemon.run()))
 
-            tg.start_soon(run)
-            await until(lambda: daemon.health_port is not None)
-            port = daemon.health_port
-            assert port is not None
-            # Before the server ever answered: alive, not ready.
-            assert (await _get(port, "/healthz"), await _get(port, "/readyz")) == (200, 503)
-            await api.dev_post("faults/clear", {})
-            await until(lambda: daemon.state == "running", 15)
-            assert (await _get(port, "/healthz"), await _get(port, "/readyz")) == (200, 200)
-            command_id = await api.submit_command(runner_id, "ReadFile", {"path": "README.md"})
-            await wait_terminal(api, runner_id, command_id)
-            slow = await api.submit_command(runner_id, "Gate", {})
-            with anyio.fail_after(10):
-                await gated.entered.wait()
-            daemon.request_stop("test")
-            # Draining: alive, no longer ready.
-            assert (await _get(port, "/healthz"), await _get(port, "/readyz")) == (200, 503)
-            metrics = await _metrics(port)
-            gated.gate.set()
-            assert (await wait_terminal(api, runner_id, slow)).status == "completed"
-        assert status == [ExitStatus.OK]
+        tg.start_soon(run)
+        await until(lambda: daemon.health_port is not None)
+        port = daemon.health_port
         assert port is not None
-        assert await _get(port, "/healthz") is None  # the listener closed with the daemon
+        # Before the server ever answered: alive, not ready.
+        assert (await _get(port, "/healthz"), await _get(port, "/readyz")) == (200, 503)
+        await api.dev_post("faults/clear", {})
+        await until(lambda: daemon.state == "running", 15)
+        assert (await _get(port, "/healthz"), await _get(port, "/readyz")) == (200, 200)
+        command_id = await api.submit_command(runner_id, "ReadFile", {"path": "README.md"})
+        await wait_terminal(api, runner_id, command_id)
+        slow = await api.submit_command(runner_id, "Gate", {})
+        with anyio.fail_after(10):
+            await gated.entered.wait()
+        daemon.request_stop("test")
+        # Draining: alive, no longer ready.
+        assert (await _get(port, "/healthz"), await _get(port, "/readyz")) == (200, 503)
+        metrics = await _metrics(port)
+        gated.gate.set()
+        assert (await wait_terminal(api, runner_id, slow)).status == "completed"
+    assert status == [ExitStatus.OK]
+    assert port is not None
+    assert await _get(port, "/healthz") is None  # the listener closed with the daemon
     assert 'runner_daemon_commands_total{status="completed",type="ReadFile"} 1.0' in metrics
     assert 'runner_daemon_command_duration_seconds_count{type="ReadFile"} 1.0' in metrics
     assert "runner_daemon_commands_in_flight 1.0" in metrics
@@ -304,22 +295,21 @@ async def test_status_says_what_is_true_now(
     settings = make_settings(devserver.url, runner_id, workspace, shutdown_grace_seconds=30)
     await api.dev_post("faults", {"route": "poll", "status": 503, "count": 2})
     gated = GateHandler()
-    async with RunnerApi.from_settings(settings) as client:
-        from runner_daemon.service.daemon import Daemon
+    from runner_daemon.service.daemon import Daemon
 
-        daemon = Daemon(settings, client, registry_for_tests(gated), open_outbox(settings), notifier=notifier)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(daemon.run)
-            await until(lambda: any("last error: HTTP 503" in status for status in _statuses(listener)))
-            await until(lambda: "last error" not in _statuses(listener)[-1])  # answered since
-            await api.submit_command(runner_id, "Gate", {})
-            with anyio.fail_after(20):
-                await gated.entered.wait()
-            pings = len(listener.with_key("WATCHDOG"))
-            daemon.request_stop("test")
-            stop_at = len(_statuses(listener))
-            await until(lambda: len(listener.with_key("WATCHDOG")) >= pings + 3)  # it looked again since
-            gated.gate.set()
+    daemon = Daemon(settings, registry_for_tests(gated), notifier=notifier)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(daemon.run)
+        await until(lambda: any("last error: HTTP 503" in status for status in _statuses(listener)))
+        await until(lambda: "last error" not in _statuses(listener)[-1])  # answered since
+        await api.submit_command(runner_id, "Gate", {})
+        with anyio.fail_after(20):
+            await gated.entered.wait()
+        pings = len(listener.with_key("WATCHDOG"))
+        daemon.request_stop("test")
+        stop_at = len(_statuses(listener))
+        await until(lambda: len(listener.with_key("WATCHDOG")) >= pings + 3)  # it looked again since
+        gated.gate.set()
     after_stop = _statuses(listener)[stop_at - 1 :]
     assert after_stop and all(status.startswith("stopping (test)") for status in after_stop), after_stop
 
@@ -333,19 +323,18 @@ async def test_an_outage_shows_in_status_and_metrics_not_as_a_silent_watchdog(
     notifier = Notifier(path, watchdog_usec=200_000)
     # Contact counts as lost after 3 heartbeats and a request's time: about 1.4 s here.
     settings = make_settings(devserver.url, runner_id, workspace, request_timeout_seconds=0.5)
-    async with RunnerApi.from_settings(settings) as client:
-        from runner_daemon.service.daemon import Daemon
+    from runner_daemon.service.daemon import Daemon
 
-        daemon = Daemon(settings, client, registry_for_tests(), open_outbox(settings), notifier=notifier)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(daemon.run)
-            await until(lambda: daemon.state == "running")
-            for route in ("heartbeat", "poll"):
-                await api.dev_post("faults", {"route": route, "status": 503, "count": 1_000_000})
-            await until(lambda: "server not answering" in (_statuses(listener) or [""])[-1], 30)
-            assert daemon.seconds_since_contact() > 1
-            pings = len(listener.with_key("WATCHDOG"))
-            await until(lambda: len(listener.with_key("WATCHDOG")) >= pings + 5)  # still pinged
-            await api.dev_post("faults/clear", {})
-            await until(lambda: "server not answering" not in _statuses(listener)[-1], 30)
-            daemon.request_stop("test")
+    daemon = Daemon(settings, registry_for_tests(), notifier=notifier)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(daemon.run)
+        await until(lambda: daemon.state == "running")
+        for route in ("heartbeat", "poll"):
+            await api.dev_post("faults", {"route": route, "status": 503, "count": 1_000_000})
+        await until(lambda: "server not answering" in (_statuses(listener) or [""])[-1], 30)
+        assert daemon.seconds_since_contact() > 1
+        pings = len(listener.with_key("WATCHDOG"))
+        await until(lambda: len(listener.with_key("WATCHDOG")) >= pings + 5)  # still pinged
+        await api.dev_post("faults/clear", {})
+        await until(lambda: "server not answering" not in _statuses(listener)[-1], 30)
+        daemon.request_stop("test")

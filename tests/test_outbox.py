@@ -18,7 +18,7 @@ import pytest
 from runner_daemon.core import outbox as outbox_module
 from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.errors import ConfigError
-from runner_daemon.core.outbox import JOURNAL_FILE, Interrupted, Outbox, OwedResult, Recovered
+from runner_daemon.core.outbox import JOURNAL_FILE, Outbox, OwedResult, Recovered, StartedCommand
 from runner_daemon.devserver.server import DevServer
 from tests.support import (
     DaemonProcesses,
@@ -35,7 +35,8 @@ BODY = b'{"status":"completed","result":{"ok":true},"duration_ms":3}'
 
 @pytest.mark.anyio
 async def test_journal_round_trip_and_recovery(tmp_path: Path) -> None:
-    outbox, recovered = Outbox.open(tmp_path)
+    outbox = Outbox.open(tmp_path)
+    recovered = outbox.recovered
     assert recovered == Recovered([], [])
     await outbox.started("r1", "c-done", "ReadFile")
     await outbox.result(OwedResult("r1", "c-done", "ReadFile", BODY, 1.0))
@@ -44,9 +45,10 @@ async def test_journal_round_trip_and_recovery(tmp_path: Path) -> None:
     await outbox.result(OwedResult("r1", "c-owed", "ReadFile", BODY, 2.0))
     await outbox.started("r1", "c-running", "Exec")
     await outbox.close()
-    outbox, recovered = Outbox.open(tmp_path)
-    assert recovered.owed == [OwedResult("r1", "c-owed", "ReadFile", BODY, 2.0)]
-    assert recovered.interrupted == [Interrupted("r1", "c-running", "Exec")]
+    outbox = Outbox.open(tmp_path)
+    recovered = outbox.recovered
+    assert recovered.results == [OwedResult("r1", "c-owed", "ReadFile", BODY, 2.0)]
+    assert recovered.interrupted == [StartedCommand("r1", "c-running", "Exec")]
     # Every id claimed before is known after the restart, the finished one included.
     assert all(outbox.known(key) for key in ("c-done", "c-owed", "c-running"))
     assert not outbox.known("c-new")
@@ -57,13 +59,14 @@ async def test_journal_round_trip_and_recovery(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 async def test_torn_and_corrupt_lines_are_tolerated(tmp_path: Path) -> None:
-    outbox, _ = Outbox.open(tmp_path)
+    outbox = Outbox.open(tmp_path)
     await outbox.result(OwedResult("r1", "c1", "ReadFile", BODY, 1.0))
     await outbox.close()
     with open(tmp_path / JOURNAL_FILE, "ab") as stream:
         stream.write(b'garbage\n{"op": "result", "id": "c2", "runner"')  # a crash mid-write
-    outbox, recovered = Outbox.open(tmp_path)
-    assert [entry.command_id for entry in recovered.owed] == ["c1"]
+    outbox = Outbox.open(tmp_path)
+    recovered = outbox.recovered
+    assert [entry.command_id for entry in recovered.results] == ["c1"]
     await outbox.close()
 
 
@@ -93,14 +96,15 @@ INVALID_ENTRIES = [
 async def test_a_damaged_journal_starts_skips_what_it_cannot_use_and_heals(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    outbox, _ = Outbox.open(tmp_path)
+    outbox = Outbox.open(tmp_path)
     await outbox.result(OwedResult("r1", "good", "ReadFile", BODY, 1.0))
     await outbox.close()
     with open(tmp_path / JOURNAL_FILE, "ab") as stream:
         stream.write(b"\n".join(INVALID_ENTRIES) + b"\n")
     for _ in range(2):  # the second start finds nothing left to skip: nothing was written back
-        outbox, recovered = Outbox.open(tmp_path)
-        assert [entry.command_id for entry in recovered.owed] == ["good"]
+        outbox = Outbox.open(tmp_path)
+        recovered = outbox.recovered
+        assert [entry.command_id for entry in recovered.results] == ["good"]
         assert recovered.interrupted == []
         await outbox.close()
     assert b"bad-body" not in (tmp_path / JOURNAL_FILE).read_bytes()
@@ -109,7 +113,7 @@ async def test_a_damaged_journal_starts_skips_what_it_cannot_use_and_heals(
 @pytest.mark.anyio
 async def test_journal_is_compacted_past_its_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(outbox_module, "MAX_REMEMBERED", 100)
-    outbox, _ = Outbox.open(tmp_path, max_bytes=64 * 1024)
+    outbox = Outbox.open(tmp_path, max_bytes=64 * 1024)
     for i in range(2000):
         await outbox.started("r1", f"c{i}", "ReadFile")
         await outbox.result(OwedResult("r1", f"c{i}", "ReadFile", BODY, 1.0))
@@ -118,8 +122,9 @@ async def test_journal_is_compacted_past_its_bound(tmp_path: Path, monkeypatch: 
     await outbox.close()
     # Only what is live is kept: the last done ids (to refuse a redelivery) and the one result.
     assert (tmp_path / JOURNAL_FILE).stat().st_size < 64 * 1024 + 8 * 1024
-    reopened, recovered = Outbox.open(tmp_path)
-    assert [entry.command_id for entry in recovered.owed] == ["last"]
+    reopened = Outbox.open(tmp_path)
+    recovered = reopened.recovered
+    assert [entry.command_id for entry in recovered.results] == ["last"]
     assert reopened.known("c1999") and not reopened.known("c0")
     await reopened.close()
 
@@ -131,7 +136,7 @@ async def test_started_lines_outlive_a_crash_also_while_the_journal_is_compacted
     Each compaction is held open (its rewrite waits on a gate) while commands start, so every
     round has lines written during the swap, whatever this machine's fsync batching does.
     """
-    outbox, _ = Outbox.open(tmp_path)
+    outbox = Outbox.open(tmp_path)
     entered, gate = threading.Event(), threading.Event()
     rewrite = outbox._rewrite
 
@@ -164,7 +169,8 @@ async def test_started_lines_outlive_a_crash_also_while_the_journal_is_compacted
             await anyio.wait_all_tasks_blocked()
             gate.set()
     os.close(outbox._fd)  # a crash: no close(), the lock goes with the descriptor
-    reopened, recovered = Outbox.open(tmp_path)
+    reopened = Outbox.open(tmp_path)
+    recovered = reopened.recovered
     assert sorted(entry.command_id for entry in recovered.interrupted) == sorted(expected)
     await reopened.close()
 
@@ -174,7 +180,7 @@ async def test_compaction_and_journal_files_are_private(tmp_path: Path) -> None:
     old = os.umask(0)
     try:
         modes: list[int] = []
-        outbox, _ = Outbox.open(tmp_path)
+        outbox = Outbox.open(tmp_path)
         rewrite = outbox._rewrite
 
         def watching_rewrite(data: bytes) -> None:
@@ -205,7 +211,7 @@ async def test_compaction_and_journal_files_are_private(tmp_path: Path) -> None:
 @pytest.mark.anyio
 async def test_remembered_ids_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(outbox_module, "MAX_REMEMBERED", 100)
-    outbox, _ = Outbox.open(tmp_path)
+    outbox = Outbox.open(tmp_path)
     for i in range(300):
         await outbox.started("r1", f"c{i}", "ReadFile")
         await outbox.result(OwedResult("r1", f"c{i}", "ReadFile", BODY, 1.0))
@@ -213,13 +219,13 @@ async def test_remembered_ids_are_bounded(tmp_path: Path, monkeypatch: pytest.Mo
     assert not outbox.known("c0") and outbox.known("c299")
     assert outbox.delivered_body("c299") == BODY
     await outbox.close()
-    reopened, _ = Outbox.open(tmp_path)
+    reopened = Outbox.open(tmp_path)
     assert not reopened.known("c199") and reopened.known("c200")
     await reopened.close()
 
 
 def test_one_daemon_per_journal(tmp_path: Path) -> None:
-    first, _ = Outbox.open(tmp_path)
+    first = Outbox.open(tmp_path)
     with pytest.raises(ConfigError, match="in use by another runner-daemon"):
         Outbox.open(tmp_path)
     os.close(first._fd)
@@ -302,22 +308,20 @@ async def test_an_undelivered_result_survives_a_crash(
 async def test_a_404_on_re_send_is_dropped_not_fatal(
     devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, tmp_path: Path
 ) -> None:
-    outbox, _ = Outbox.open(tmp_path / "state")
+    outbox = Outbox.open(tmp_path / "state")
     await outbox.result(OwedResult(runner_id, "0d7c8e3a-0000-4000-8000-000000000001", "ReadFile", BODY, 1e12))
     await outbox.close()
-    outbox, recovered = Outbox.open(tmp_path / "state")
-    settings = make_settings(devserver.url, runner_id, workspace)
+    settings = make_settings(devserver.url, runner_id, workspace, state_directory=tmp_path / "state")
     from runner_daemon.service.daemon import Daemon
     from tests.support import registry_for_tests
 
-    async with RunnerApi.from_settings(settings) as client:
-        daemon = Daemon(settings, client, registry_for_tests(), outbox, recovered=recovered)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(daemon.run)
-            await until(lambda: daemon.stats.dropped == 1)
-            command_id = await api.submit_command(runner_id, "ReadFile", {"path": "README.md"})
-            record = await wait_terminal(api, runner_id, command_id)
-            daemon.request_stop("test")
+    daemon = Daemon(settings, registry_for_tests())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(daemon.run)
+        await until(lambda: daemon.stats.dropped == 1)
+        command_id = await api.submit_command(runner_id, "ReadFile", {"path": "README.md"})
+        record = await wait_terminal(api, runner_id, command_id)
+        daemon.request_stop("test")
     assert record.status == "completed"
     assert daemon.fatal_error is None
 

@@ -12,14 +12,8 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runner_daemon.bridge.outcome import (
-    MAX_PAYLOAD_CHARS,
-    MalformedCommand,
-    Outcome,
-    clamp_timeout,
-    encode_report,
-    parse_command,
-)
+from runner_daemon.bridge.commands import MalformedCommand, clamp_timeout, parse_command
+from runner_daemon.bridge.results import MAX_PAYLOAD_CHARS, Outcome, encode_report
 from runner_daemon.core.logs import configure_logging
 from runner_daemon.core.models import BridgeCommand
 from runner_daemon.core.retry import Backoff

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ValidationError
 
 from runner_daemon import __version__
 from runner_daemon.core.errors import (
+    AlreadyReported,
     Conflict,
     ProtocolError,
     RateLimited,
@@ -483,14 +484,15 @@ class RunnerApi:
         )
         return _parse(PollResponse, response).commands
 
-    async def report(self, runner_id: str, command_id: str, body: bytes, *, conflict: type[Conflict]) -> None:
-        """Post an encoded :class:`~runner_daemon.core.models.ResultReport`."""
-        await self._request(
-            "POST",
-            f"{RUNNERS_PATH}/{runner_id}/bridge/commands/{command_id}/results",
-            content=body,
-            conflict=conflict,
-        )
+    async def report(self, runner_id: str, command_id: str, body: bytes) -> None:
+        """Post an encoded :class:`~runner_daemon.core.models.ResultReport`; a 409 here means
+        the command is already terminal: :class:`AlreadyReported`."""
+        try:
+            await self._request(
+                "POST", f"{RUNNERS_PATH}/{runner_id}/bridge/commands/{command_id}/results", content=body
+            )
+        except Conflict as exc:
+            raise AlreadyReported(str(exc), status=exc.status) from None
 
     async def disconnect(self, runner_id: str) -> None:
         await self._request("DELETE", f"{RUNNERS_PATH}/{runner_id}")

@@ -8,6 +8,8 @@ so the loop speaks only in these names and never inspects a status code itself::
     ├── ConfigError              bad settings; the CLI exits 78 (EX_CONFIG)
     ├── JournalUnavailable       the outbox journal cannot be written (a full or failing disk)
     ├── CommandFailed            a handler's refusal, reported as {"code", "message"}
+    ├── Fatal                    the server will not serve this runner again: ends the daemon
+    │   (RunnerGone and Unauthorized are both ApiError and Fatal)
     └── ApiError                 the server answered, or could not be reached
         ├── RunnerGone           404: the runner was disconnected (or never existed)
         │   └── RunnerEvicted    410: deregistered, or replaced by a newer connection
@@ -48,6 +50,15 @@ class CommandFailed(RunnerDaemonError):
         self.message = message
 
 
+class Fatal(RunnerDaemonError):
+    """Retrying cannot help this runner: raised out of the loops, caught once by the daemon.
+
+    Raising (not calling back) lets the task group's cancellation stop everything else; the
+    daemon turns the first one into the exit status (69 for a gone runner, 77 for refused
+    credentials).
+    """
+
+
 class ApiError(RunnerDaemonError):
     """A call to the Opik runner API did not succeed."""
 
@@ -56,7 +67,7 @@ class ApiError(RunnerDaemonError):
         self.status = status
 
 
-class RunnerGone(ApiError):
+class RunnerGone(ApiError, Fatal):
     """The server no longer knows this runner: it was disconnected, purged or never paired."""
 
 
@@ -80,7 +91,7 @@ class RateLimited(ApiError):
         self.retry_after = retry_after
 
 
-class Unauthorized(ApiError):
+class Unauthorized(ApiError, Fatal):
     """The API key or workspace was refused; retrying will not help."""
 
 

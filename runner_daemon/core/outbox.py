@@ -49,8 +49,8 @@ import anyio.to_thread
 import pydantic_core
 import structlog
 
-from runner_daemon.bridge.outcome import outcome_of
 from runner_daemon.core.errors import ConfigError, JournalUnavailable
+from runner_daemon.core.models import ResultReport
 from runner_daemon.core.statedir import fsync_folder
 
 log = structlog.get_logger("runner_daemon.core.outbox")
@@ -81,7 +81,7 @@ class OwedResult:
 
 
 @dataclass(frozen=True)
-class Interrupted:
+class StartedCommand:
     """A command that was running when the daemon last stopped without reporting it."""
 
     runner_id: str
@@ -93,8 +93,8 @@ class Interrupted:
 class Recovered:
     """What a previous run left: results to deliver and commands that were cut short."""
 
-    owed: list[OwedResult]
-    interrupted: list[Interrupted]
+    results: list[OwedResult]
+    interrupted: list[StartedCommand]
 
 
 def signature_digest(signature: str) -> str:
@@ -130,7 +130,7 @@ class Outbox:
         self._fd = fd  # holds the flock for the daemon's life
         self._max_bytes = max_bytes
         self._compact_at = max_bytes  # grows when what is live alone comes near the bound
-        self._started: dict[str, Interrupted] = {}
+        self._started: dict[str, StartedCommand] = {}
         self._owed: dict[str, OwedResult] = {}
         self._done: OrderedDict[str, float] = OrderedDict()
         self._bodies: OrderedDict[str, bytes] = OrderedDict()
@@ -145,12 +145,14 @@ class Outbox:
         self._size = 0
         self._torn = False  # the file may end in a partial line: the next write starts afresh
         self.failure: OSError | None = None  # set while the journal cannot be written
+        # What the journal held at open: delivered by the reporter before the first poll.
+        self.recovered = Recovered([], [])
 
     # --- opening and recovery -------------------------------------------------------------
 
     @classmethod
-    def open(cls, directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[Outbox, Recovered]:
-        """Lock and read the journal; returns it with what a previous run still owed."""
+    def open(cls, directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Outbox:
+        """Lock and read the journal; what a previous run still owed is in :attr:`recovered`."""
         path = directory / JOURNAL_FILE
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -167,7 +169,7 @@ class Outbox:
         outbox = cls(path, fd, max_bytes=max_bytes)
         outbox._remove_stale_temporaries()
         outbox._replay()
-        recovered = Recovered(
+        outbox.recovered = Recovered(
             list(outbox._owed.values()),
             [entry for key, entry in outbox._started.items() if key not in outbox._owed],
         )
@@ -178,7 +180,7 @@ class Outbox:
             log.warning("could not compact the outbox journal at start", error=exc.strerror, path=str(path))
             outbox._size = os.fstat(outbox._fd).st_size
             outbox._torn = True
-        return outbox, recovered
+        return outbox
 
     def _remove_stale_temporaries(self) -> None:
         for stale in self.path.parent.glob(f".{self.path.name}.*{_COMPACT_SUFFIX}"):
@@ -216,12 +218,13 @@ class Outbox:
         if command_id in self._done and op != "done":
             return  # a finished command's id is final: nothing revives it
         if op == "started":
-            self._started[command_id] = Interrupted(
+            self._started[command_id] = StartedCommand(
                 _text(record["runner"]), command_id, _text(record["type"])
             )
         elif op == "result":
             body = _text(record["body"], limit=None).encode()
-            outcome_of(body)  # a body that cannot be sent as it is must not be resent forever
+            # A body that cannot be sent as it is must not be resent forever.
+            ResultReport.model_validate_json(body)
             self._owed[command_id] = OwedResult(
                 _text(record["runner"]), command_id, _text(record["type"]), body, _instant(record["at"])
             )
@@ -309,7 +312,7 @@ class Outbox:
         """Record a claim before the handler runs; :class:`JournalUnavailable` if it cannot be."""
         if self.failure is not None:
             raise JournalUnavailable(self._failure_text())
-        self._started[command_id] = Interrupted(runner_id, command_id, command_type)
+        self._started[command_id] = StartedCommand(runner_id, command_id, command_type)
         line = _line({"op": "started", "id": command_id, "runner": runner_id, "type": command_type})
         if self._compacting or self._torn:
             # The file is being replaced, or may end in a torn line: the line goes through
@@ -363,7 +366,8 @@ class Outbox:
             await self._append(_line({"op": "done", "id": command_id, "at": at}), durable=False)
 
     @property
-    def owed(self) -> int:
+    def undelivered(self) -> int:
+        """How many results the server has not confirmed yet (the last log line says)."""
         return len(self._owed)
 
     async def _append_or_withdraw(self, line: bytes) -> None:

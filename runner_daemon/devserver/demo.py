@@ -26,7 +26,6 @@ from runner_daemon.bridge.handlers import discover
 from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.logs import Secret, configure_logging
 from runner_daemon.core.models import CommandRecord
-from runner_daemon.core.outbox import Outbox
 from runner_daemon.core.settings import LogFormat, load_settings
 from runner_daemon.devserver.server import DevServer, DevServerConfig
 from runner_daemon.service.daemon import Daemon, ExitStatus
@@ -99,8 +98,7 @@ async def _demo(
         structlog.get_logger(__name__).info(
             "demo started", dev_server=server.url, workspace=str(workspace), runner_id=runner_id
         )
-        outbox, recovered = Outbox.open(settings.state_directory)
-        daemon = Daemon(settings, api, discover(), outbox, bridge_key, recovered=recovered)
+        daemon = Daemon(settings, discover(), bridge_key=bridge_key)
         failures = 0
         async with anyio.create_task_group() as tg:
             tg.start_soon(daemon.run)

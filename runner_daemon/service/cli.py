@@ -26,13 +26,11 @@ import structlog
 
 from runner_daemon import __version__
 from runner_daemon.bridge.handlers import HandlerRegistry, discover
-from runner_daemon.bridge.handlers.base import HandlerServices
 from runner_daemon.bridge.handlers.exec import child_environment
 from runner_daemon.bridge.workspace import Workspace
 from runner_daemon.core.api import RunnerApi, probe
 from runner_daemon.core.errors import ApiError, ConfigError, Unauthorized, describe_validation_error
 from runner_daemon.core.logs import Secret, configure_logging, scrub
-from runner_daemon.core.outbox import Outbox, Recovered
 from runner_daemon.core.settings import SECRET_ENV_NAMES, Settings, load_settings, parse_listen
 from runner_daemon.service import credentials, pairing
 from runner_daemon.service.daemon import Daemon, ExitStatus
@@ -97,20 +95,14 @@ async def watch_signals(daemon: Daemon) -> None:
 
 
 async def serve(
-    settings: Settings,
-    registry: HandlerRegistry,
-    bridge_key: bytes | None,
-    outbox: Outbox,
-    recovered: Recovered,
-    services: HandlerServices,
+    settings: Settings, registry: HandlerRegistry, bridge_key: bytes | None, sandbox: SandboxPolicy | None
 ) -> int:
     notifier = Notifier.from_environ(os.environ)
-    async with RunnerApi.from_settings(settings) as api:
-        daemon = Daemon(settings, api, registry, outbox, bridge_key, notifier, recovered, services)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watch_signals, daemon)
-            status = await daemon.run()
-            tg.cancel_scope.cancel()
+    daemon = Daemon(settings, registry, bridge_key=bridge_key, sandbox=sandbox, notifier=notifier)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch_signals, daemon)
+        status = await daemon.run()
+        tg.cancel_scope.cancel()
     return int(status)
 
 
@@ -126,22 +118,22 @@ def start_daemon(settings: Settings, registry: HandlerRegistry) -> int:
     forbid_inspection()
     try:
         sandbox, support, left_out = sandbox_for(settings)
-        outbox, recovered = Outbox.open(settings.state_directory)
     except ConfigError as exc:
         return _fail_config(exc)
     log_sandbox(sandbox, support, left_out)
-    services = HandlerServices(bridge_key=bridge_key, sandbox=sandbox)
     if bridge_key is None:
-        structlog.get_logger("runner_daemon").warning(
+        structlog.get_logger(__name__).warning(
             "accepting unsigned commands (allow_unsigned_commands = true): anyone with the API key "
             "can run commands here"
         )
     try:
-        return anyio.run(serve, settings, registry, bridge_key, outbox, recovered, services)
+        return anyio.run(serve, settings, registry, bridge_key, sandbox)
+    except ConfigError as exc:  # the state directory cannot hold the outbox
+        return _fail_config(exc)
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     except Exception:
-        structlog.get_logger("runner_daemon").exception("the daemon failed unexpectedly")
+        structlog.get_logger(__name__).exception("the daemon failed unexpectedly")
         return ExitStatus.FAILURE
 
 

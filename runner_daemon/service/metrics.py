@@ -1,6 +1,6 @@
 """Prometheus metrics, read at scrape time from the daemon's own counters.
 
-A custom collector over :class:`~runner_daemon.bridge.loop.LoopStats` keeps one source of truth:
+A custom collector over :class:`~runner_daemon.bridge.stats.LoopStats` keeps one source of truth:
 nothing is counted twice, and each daemon has its own registry (no process globals).
 """
 
@@ -18,7 +18,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from runner_daemon.bridge.loop import DURATION_BUCKETS, LoopStats
+from runner_daemon.bridge.stats import DURATION_BUCKETS, LoopStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
