@@ -28,7 +28,8 @@ from runner_daemon.devserver.faults import (
     malformed_answer,
     mark_reset,
 )
-from runner_daemon.devserver.state import DEFAULT_WORKSPACE, ApiFailure, DevServerConfig, DevState, Fault
+from runner_daemon.devserver.records import DEFAULT_WORKSPACE, ApiFailure, DevServerConfig, Fault
+from runner_daemon.devserver.state import DevState
 from runner_daemon.service.pairing import approve
 
 Endpoint = Callable[[Request], Awaitable[Response]]
