@@ -19,6 +19,8 @@ from runner_daemon.bridge.handlers import discover
 from runner_daemon.bridge.handlers import search_files as search_module
 from runner_daemon.bridge.handlers.base import HandlerContext, HandlerServices
 from runner_daemon.bridge.results import Outcome
+from runner_daemon.bridge.search.git_grep import GitGrepOutput
+from runner_daemon.bridge.search.hits import Hit, Hits
 from runner_daemon.bridge.workspace import Workspace
 from runner_daemon.core.models import BridgeCommand
 from runner_daemon.core.settings import load_settings
@@ -486,18 +488,18 @@ def test_git_output_parser_filters_and_splits_anywhere(tmp_path: Path, chunk: in
         b"ok.txt\x001\x00not what the file holds\n"  # e.g. read by git through a swapped folder
         b"last\x001\x00no final newline"
     )
-    hits = search_module.Hits()
-    parser = search_module.GitGrepOutput(handler_context(root, (".env",)).workspace, hits)
+    hits = Hits()
+    parser = GitGrepOutput(handler_context(root, (".env",)).workspace, hits)
     ctx = handler_context(root)
     for start in range(0, len(output), chunk):
         parser.feed(output[start : start + chunk], ctx)
     parser.close(ctx)
     assert not parser.malformed
     assert hits.kept == [
-        search_module.Hit("ok.txt", 3, "hello"),
-        search_module.Hit("a\nb:1-2", 12, "c\x00d:-"),
-        search_module.Hit("ok.txt", 4, "x" * 500),
-        search_module.Hit("last", 1, "no final newline"),
+        Hit("ok.txt", 3, "hello"),
+        Hit("a\nb:1-2", 12, "c\x00d:-"),
+        Hit("ok.txt", 4, "x" * 500),
+        Hit("last", 1, "no final newline"),
     ]
     assert hits.total == 4
 
@@ -506,9 +508,7 @@ async def test_a_file_changed_since_the_search_gets_no_context(tmp_path: Path) -
     root = tmp_path / "ws"
     root.mkdir()
     (root / "f.txt").write_text("a\nnow different\nb\nneedle\nc\n")
-    hits = search_module.Hits(
-        [search_module.Hit("f.txt", 2, "needle"), search_module.Hit("f.txt", 4, "needle")], total=2
-    )
+    hits = Hits([Hit("f.txt", 2, "needle"), Hit("f.txt", 4, "needle")], total=2)
     result = search_module.with_context(handler_context(root).workspace, hits, handler_context(root))
     assert result["matches"] == [
         {"file": "f.txt", "line": 2, "content": "needle", "context_before": [], "context_after": []},

@@ -20,7 +20,9 @@ import uvicorn
 
 from runner_daemon.devserver.app import make_app
 from runner_daemon.devserver.faults import FaultProfile
-from runner_daemon.devserver.state import DevServerConfig, DevState, load_state, save_state
+from runner_daemon.devserver.persistence import load_state, save_state
+from runner_daemon.devserver.records import DevServerConfig
+from runner_daemon.devserver.state import DevState
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -1,10 +1,8 @@
-"""The dev server's in-memory state: runners, commands, counters and injected faults.
+"""The dev server's in-memory state: runners, commands, pairing sessions, counters and faults.
 
 Every method is synchronous and runs on the server's event loop, so each one is atomic with
 respect to concurrent requests; the routes only await *between* calls (long polls, waits).
-:meth:`DevState.snapshot` and :meth:`DevState.restore` turn it into JSON and back (times kept
-on the monotonic clock become Unix times on the way out and back), so a dev server can be
-stopped and started again with the same runners and commands.
+The records are in :mod:`.records`; :mod:`.persistence` saves and restores the state.
 """
 
 from __future__ import annotations
@@ -12,195 +10,29 @@ from __future__ import annotations
 import base64
 import hmac
 import json
-import os
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import anyio
 
 from runner_daemon.bridge.signing import HMAC_FIELD, derive_bridge_key, sign
-from runner_daemon.core.statedir import write_private_file
 from runner_daemon.devserver.faults import FaultInjector
+from runner_daemon.devserver.records import (
+    DEFAULT_WORKSPACE,
+    TERMINAL,
+    WRITE_TYPES,
+    ApiFailure,
+    Command,
+    DevServerConfig,
+    Fault,
+    PairingSession,
+    Runner,
+    now_iso,
+)
 from runner_daemon.service.pairing import activation_hmac
-
-DEFAULT_WORKSPACE = "default"  # a request without Comet-Workspace acts in it, as on a local Opik
-WRITE_TYPES = frozenset({"WriteFile", "EditFile", "Exec"})
-TERMINAL = frozenset({"completed", "failed", "timed_out"})
-
-
-@dataclass(frozen=True)
-class DevServerConfig:
-    """Opik's server defaults, shortened by the tests where waiting would only slow them."""
-
-    poll_hold_seconds: float = 30.0
-    heartbeat_ttl_seconds: float = 15.0
-    default_timeout_seconds: int = 30
-    max_timeout_seconds: int = 120
-    stale_grace_seconds: float = 10.0
-    reaper_interval_seconds: float = 5.0
-    finished_ttl_seconds: float = 3600.0
-    max_pending: int = 50
-    submissions_per_minute: int = 600
-    writes_per_minute: int = 120
-    payload_cap_chars: int = 1_048_576
-    default_max_commands: int = 10
-    max_max_commands: int = 20
-    wait_default_seconds: int = 30
-
-    @property
-    def max_body_bytes(self) -> int:
-        """The largest request body, raw or inflated: a report with result and error at the cap.
-
-        (A UTF-8 body is never longer than the JSON measured against the cap.)
-        """
-        return 2 * self.payload_cap_chars + 65_536
-
-
-class ApiFailure(Exception):
-    """An error answer: status and Opik's ``{"errors": [...]}`` body."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
-
-class Signal:
-    """Wakes every current waiter; later waiters wait for the next notify."""
-
-    def __init__(self) -> None:
-        self._event = anyio.Event()
-
-    def notify(self) -> None:
-        self._event.set()
-        self._event = anyio.Event()
-
-    async def wait(self) -> None:
-        await self._event.wait()
-
-
-@dataclass
-class RunnerCounters:
-    heartbeats: int = 0
-    polls: int = 0
-    polls_open: int = 0  # being handled now: a test sees when a poll it abandoned has ended
-    max_commands_asked: list[int] = field(default_factory=list)
-    reports_accepted: int = 0
-    reports_conflict: int = 0
-    reports_not_found: int = 0
-    reports_rejected: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class Runner:
-    id: str
-    name: str
-    project_id: str
-    created_at: str
-    capabilities: list[str] | None = None
-    connected_at: str | None = None
-    last_heartbeat: float | None = None
-    removed: bool = False  # disconnected (DELETE), purged or evicted: endpoints answer 404
-    visible: bool = True  # False while its pairing session waits for the browser
-    bridge_key: bytes | None = None  # known when the dev server played the browser's part
-    workspace: str = DEFAULT_WORKSPACE  # the owner: every other workspace gets 404 (410 on heartbeat)
-    type: str = "connect"
-    submitted: Signal = field(default_factory=Signal)
-    submit_times: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
-    write_times: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
-    counters: RunnerCounters = field(default_factory=RunnerCounters)
-    malformed: deque[str] = field(default_factory=lambda: deque(maxlen=1000))  # spoiled poll answers
-    # Ids of commands handed out once already, to hand out again (a hostile or buggy server).
-    redeliver: deque[str] = field(default_factory=lambda: deque(maxlen=1000))
-
-
-@dataclass
-class Command:
-    id: str
-    runner_id: str
-    type: str
-    args: dict[str, Any]
-    timeout_seconds: int
-    submitted_at: str
-    submitted_mono: float
-    status: str = "pending"
-    picked_up_at: str | None = None
-    picked_up_mono: float | None = None
-    completed_at: str | None = None
-    finished_mono: float | None = None
-    result: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
-    duration_ms: int | None = None
-    done: anyio.Event = field(default_factory=anyio.Event)
-    report_attempts: int = 0  # report requests that reached the server, faults included
-    accepted_reports: int = 0  # reports that stored a result: 0 or 1, unless something is wrong
-
-    def as_item(self) -> dict[str, Any]:
-        return {
-            "command_id": self.id,
-            "type": self.type,
-            "args": self.args,
-            "timeout_seconds": self.timeout_seconds,
-            "submitted_at": self.submitted_at,
-        }
-
-    def as_record(self) -> dict[str, Any]:
-        return {
-            "command_id": self.id,
-            "runner_id": self.runner_id,
-            "type": self.type,
-            "status": self.status,
-            "args": self.args,
-            "result": self.result,
-            "error": self.error,
-            "timeout_seconds": self.timeout_seconds,
-            "submitted_at": self.submitted_at,
-            "picked_up_at": self.picked_up_at,
-            "completed_at": self.completed_at,
-            "duration_ms": self.duration_ms,
-        }
-
-    def as_dev_record(self) -> dict[str, Any]:
-        return {
-            **self.as_record(),
-            "report_attempts": self.report_attempts,
-            "accepted_reports": self.accepted_reports,
-        }
-
-
-@dataclass
-class PairingSession:
-    id: str
-    runner_id: str
-    project_id: str
-    activation_key: bytes
-    expires: float
-    activated: bool = False
-    type: str = "connect"
-
-
-@dataclass
-class Fault:
-    """An answer forced onto the next ``count`` requests of one route."""
-
-    route: str
-    status: int
-    count: int = 1
-    retry_after: float | None = None
 
 
 class DevState:
@@ -214,6 +46,11 @@ class DevState:
         self.injector = FaultInjector(clock)
         # Set when the server stops: held polls and waits answer at once instead of holding.
         self.closed = anyio.Event()
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The monotonic clock the state's times are kept on."""
+        return self._clock
 
     # --- runners ------------------------------------------------------------------------
 
@@ -522,160 +359,3 @@ class DevState:
                     self.faults.remove(fault)
                 return fault
         return None
-
-
-# --- persistence ------------------------------------------------------------------------------
-
-STATE_VERSION = 1
-
-
-def _b64(key: bytes | None) -> str | None:
-    return base64.b64encode(key).decode() if key is not None else None
-
-
-def _unb64(text: str | None) -> bytes | None:
-    return base64.b64decode(text) if text is not None else None
-
-
-class _Clocks:
-    """Converts between the state's monotonic clock and Unix time, at one instant."""
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self.mono, self.wall = clock(), time.time()
-
-    def to_wall(self, mono: float | None) -> float | None:
-        return None if mono is None else self.wall + (mono - self.mono)
-
-    def to_mono(self, wall: float | None) -> float | None:
-        return None if wall is None else self.mono + (float(wall) - self.wall)
-
-
-def snapshot(state: DevState) -> dict[str, Any]:
-    """The whole state as JSON-ready data; monotonic times as Unix times."""
-    clocks = _Clocks(state._clock)
-    runners = [
-        {
-            "id": r.id,
-            "name": r.name,
-            "project_id": r.project_id,
-            "created_at": r.created_at,
-            "capabilities": r.capabilities,
-            "connected_at": r.connected_at,
-            "last_heartbeat": clocks.to_wall(r.last_heartbeat),
-            "removed": r.removed,
-            "visible": r.visible,
-            "bridge_key": _b64(r.bridge_key),
-            "workspace": r.workspace,
-            "type": r.type,
-            "submit_times": [clocks.to_wall(t) for t in r.submit_times],
-            "write_times": [clocks.to_wall(t) for t in r.write_times],
-            "counters": r.counters.as_dict(),
-        }
-        for r in state.runners.values()
-    ]
-    commands = [
-        {
-            **{k: v for k, v in c.__dict__.items() if not k.endswith("_mono") and k != "done"},
-            "submitted_wall": clocks.to_wall(c.submitted_mono),
-            "picked_up_wall": clocks.to_wall(c.picked_up_mono),
-            "finished_wall": clocks.to_wall(c.finished_mono),
-        }
-        for c in state.commands.values()
-    ]
-    pairings = [
-        {
-            "id": p.id,
-            "runner_id": p.runner_id,
-            "project_id": p.project_id,
-            "activation_key": _b64(p.activation_key),
-            "expires_wall": clocks.to_wall(p.expires),
-            "activated": p.activated,
-            "type": p.type,
-        }
-        for p in state.pairings.values()
-    ]
-    return {
-        "version": STATE_VERSION,
-        "saved_at": now_iso(),
-        "runners": runners,
-        "commands": commands,
-        "pairings": pairings,
-        "queued_faults": [dict(f.__dict__) for f in state.faults],
-        "injector": state.injector.snapshot(),
-    }
-
-
-def restore(state: DevState, data: dict[str, Any]) -> None:
-    """Add what :func:`snapshot` saved to ``state`` (entries with the same id are replaced).
-
-    Must run on the server's event loop (it creates the loop's events)."""
-    if data.get("version") != STATE_VERSION:
-        raise ValueError(f"unsupported state version {data.get('version')!r}")
-    clocks = _Clocks(state._clock)
-    for item in data["runners"]:
-        runner = Runner(
-            id=item["id"],
-            name=item["name"],
-            project_id=item["project_id"],
-            created_at=item["created_at"],
-            capabilities=item["capabilities"],
-            connected_at=item["connected_at"],
-            last_heartbeat=clocks.to_mono(item["last_heartbeat"]),
-            removed=item["removed"],
-            visible=item["visible"],
-            bridge_key=_unb64(item["bridge_key"]),
-            workspace=item.get("workspace", DEFAULT_WORKSPACE),
-            type=item.get("type", "connect"),
-        )
-        runner.submit_times.extend(t for t in map(clocks.to_mono, item["submit_times"]) if t is not None)
-        runner.write_times.extend(t for t in map(clocks.to_mono, item["write_times"]) if t is not None)
-        known = RunnerCounters.__dataclass_fields__
-        runner.counters = RunnerCounters(**{k: v for k, v in item["counters"].items() if k in known})
-        state.runners[runner.id] = runner
-    for item in data["commands"]:
-        fields = {k: v for k, v in item.items() if k in Command.__dataclass_fields__}
-        submitted = clocks.to_mono(item["submitted_wall"])
-        command = Command(
-            **fields,
-            submitted_mono=submitted if submitted is not None else clocks.mono,
-            picked_up_mono=clocks.to_mono(item["picked_up_wall"]),
-            finished_mono=clocks.to_mono(item["finished_wall"]),
-        )
-        if command.status in TERMINAL:
-            command.done.set()
-        state.commands[command.id] = command
-    for item in data["pairings"]:
-        expires = clocks.to_mono(item["expires_wall"])
-        key = _unb64(item["activation_key"])
-        assert expires is not None and key is not None
-        state.pairings[item["id"]] = PairingSession(
-            item["id"],
-            item["runner_id"],
-            item["project_id"],
-            key,
-            expires,
-            item["activated"],
-            item.get("type", "connect"),
-        )
-    state.faults.extend(Fault(**f) for f in data.get("queued_faults", []))
-    state.injector.restore(data.get("injector") or {})
-
-
-def save_state(state: DevState, path: os.PathLike[str] | str) -> None:
-    """Write the snapshot atomically, 0600: it holds bridge keys."""
-    write_private_file(Path(path), json.dumps(snapshot(state), separators=(",", ":")).encode())
-
-
-def load_state(state: DevState, path: os.PathLike[str] | str) -> bool:
-    """Restore from ``path`` if it exists; False when there is no file. ValueError if unreadable."""
-    try:
-        with open(path, "rb") as source:
-            raw = source.read()
-    except FileNotFoundError:
-        return False
-    try:
-        data = json.loads(raw)
-        restore(state, data)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"cannot load the dev server's state from {os.fspath(path)}: {exc!r}") from None
-    return True

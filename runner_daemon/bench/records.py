@@ -1,0 +1,271 @@
+"""What the bench measures and keeps: its options, each command's final record, each runner's
+figures and the report, in one place so the bench (:mod:`.run`) fills them and the output
+(:mod:`.report`) reads them without either knowing the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from runner_daemon import __version__
+
+RunnerKind = Literal["runner-daemon", "opik"]
+
+
+class BenchError(Exception):
+    """The bench could not measure (a child did not start, commands did not finish)."""
+
+
+@dataclass
+class Options:
+    """The ``bench`` command's options, defaults derived once; kept whole in the report."""
+
+    count: int
+    concurrency: int
+    command_type: str
+    rate: float | None
+    window: int
+    warmup: int
+    idle: float | None
+    compare: str | None
+    opik_python: str
+    opik_client: str
+    timeout: float
+    json: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Options:
+        return cls(
+            count=args.count,
+            concurrency=args.concurrency,
+            command_type=args.type,
+            rate=args.rate,
+            window=args.window,
+            warmup=args.warmup if args.warmup is not None else min(100, args.count),
+            idle=args.idle,
+            compare=args.compare,
+            opik_python=args.opik_python or sys.executable,
+            opik_client=args.opik_client,
+            timeout=args.timeout if args.timeout is not None else 120.0 + args.count * 0.05,
+            json=args.json,
+        )
+
+    def check(self) -> str | None:
+        if self.count < 1:
+            return "--count must be at least 1"
+        if not 1 <= self.concurrency <= 64:
+            return "--concurrency must be between 1 and 64"
+        if self.rate is not None and self.rate <= 0:
+            return "--rate must be positive"
+        if self.window < 1:
+            return "--window must be at least 1"
+        if self.idle is not None and self.idle <= 0:
+            return "--idle must be positive"
+        return None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What the bench keeps of a command's final record: its status and the server's times."""
+
+    status: str
+    error_code: str | None
+    submitted_at: datetime | None
+    picked_up_at: datetime | None
+    completed_at: datetime | None
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> Finished:
+        error = record.get("error")
+
+        def when(key: str) -> datetime | None:
+            value = record.get(key)
+            return datetime.fromisoformat(value) if isinstance(value, str) else None
+
+        code = error.get("code") if isinstance(error, dict) else None
+        status = str(record.get("status"))
+        return cls(status, code, when("submitted_at"), when("picked_up_at"), when("completed_at"))
+
+
+@dataclass
+class Latency:
+    p50: float
+    p90: float
+    p99: float
+    max: float
+
+    @classmethod
+    def of(cls, values_ms: list[float]) -> Latency:
+        if not values_ms:
+            return cls(math.nan, math.nan, math.nan, math.nan)
+        if len(values_ms) == 1:
+            return cls(values_ms[0], values_ms[0], values_ms[0], values_ms[0])
+        cuts = statistics.quantiles(values_ms, n=100, method="inclusive")
+        return cls(cuts[49], cuts[89], cuts[98], max(values_ms))
+
+
+@dataclass
+class Memory:
+    start: float  # right after READY
+    before: float  # after the warm-up, when measuring starts
+    after: float  # when the last command finished
+    peak: float  # VmHWM: the most the process ever held
+
+    @property
+    def growth(self) -> float:
+        return self.after - self.before
+
+    @property
+    def growth_from_start(self) -> float:
+        return self.after - self.start
+
+
+@dataclass
+class LoadRun:
+    runner: RunnerKind
+    version: str
+    count: int
+    completed: int
+    statuses: dict[str, int]
+    error_codes: dict[str, int]
+    seconds: float  # first submission to last result, by the server's clock
+    throughput: float
+    latency_ms: Latency
+    cpu_seconds: float
+    memory_mb: Memory = field(default_factory=lambda: Memory(math.nan, math.nan, math.nan, math.nan))
+    ready_seconds: float = math.nan
+    late_submissions: int = 0
+    exit_status: int | None = None
+    # Context: what the dev server and this process spent meanwhile (the machine is shared).
+    devserver_cpu_seconds: float = math.nan
+    bench_cpu_seconds: float = math.nan
+    # From the poll that claimed it to its result stored: the runner's own share of the latency.
+    in_runner_ms: Latency = field(default_factory=lambda: Latency.of([]))
+    polls: int = 0  # long polls the runner made while measured (the dev server counts them)
+
+    @property
+    def cpu_per_1000(self) -> float:
+        return self.cpu_seconds / self.count * 1000 if self.count else math.nan
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["cpu_seconds_per_1000"] = self.cpu_per_1000
+        data["memory_mb"]["growth"] = self.memory_mb.growth
+        data["memory_mb"]["growth_from_start"] = self.memory_mb.growth_from_start
+        return data
+
+
+@dataclass
+class IdleRun:
+    runner: RunnerKind
+    version: str
+    seconds: float
+    cpu_seconds: float
+    rss_mb: float
+    peak_mb: float
+    ready_seconds: float
+    exit_status: int | None = None
+
+    @property
+    def cpu_percent(self) -> float:
+        return self.cpu_seconds / self.seconds * 100 if self.seconds else math.nan
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "cpu_percent_of_one_core": self.cpu_percent}
+
+
+@dataclass
+class Target:
+    name: str
+    goal: str
+    measured: str
+    status: Literal["PASS", "FAIL", "n/a"]
+
+
+@dataclass
+class Report:
+    options: dict[str, Any]
+    load: list[LoadRun] = field(default_factory=list)
+    idle: list[IdleRun] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+    devserver_url: str = ""
+    # Other work on the machine skews every figure: the 1-minute load average as the bench began.
+    load_average: float = field(default_factory=lambda: os.getloadavg()[0])
+
+    def run(self, kind: RunnerKind) -> LoadRun | None:
+        return next((run for run in self.load if run.runner == kind), None)
+
+    def ratios(self) -> dict[str, float] | None:
+        ours, theirs = self.run("runner-daemon"), self.run("opik")
+        if ours is None or theirs is None:
+            return None
+        return {
+            "throughput": ratio_of(ours.throughput, theirs.throughput),
+            "p50": ratio_of(ours.latency_ms.p50, theirs.latency_ms.p50),
+            "p99": ratio_of(ours.latency_ms.p99, theirs.latency_ms.p99),
+            "cpu_per_1000": ratio_of(ours.cpu_per_1000, theirs.cpu_per_1000),
+            "rss_after": ratio_of(ours.memory_mb.after, theirs.memory_mb.after),
+            "rss_peak": ratio_of(ours.memory_mb.peak, theirs.memory_mb.peak),
+            "ready": ratio_of(ours.ready_seconds, theirs.ready_seconds),
+        }
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "runner_daemon_version": __version__,
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "devserver_url": self.devserver_url,
+            "load_average": self.load_average,
+            "options": self.options,
+            "load": [run.as_json() for run in self.load],
+            "idle": [run.as_json() for run in self.idle],
+            "ratios": self.ratios(),
+            "targets": [asdict(target) for target in self.targets],
+        }
+
+
+def ratio_of(ours: float, theirs: float) -> float:
+    """ours / theirs; NaN when theirs is nothing to divide by."""
+    return ours / theirs if theirs else math.nan
+
+
+def summarise(kind: RunnerKind, version: str, count: int, records: list[Finished], cpu: float) -> LoadRun:
+    """A runner's figures from its measured commands' final records, by the server's clock."""
+    statuses: dict[str, int] = {}
+    codes: dict[str, int] = {}
+    latencies: list[float] = []
+    in_runner: list[float] = []
+    firsts: list[float] = []
+    lasts: list[float] = []
+    for record in records:
+        statuses[record.status] = statuses.get(record.status, 0) + 1
+        if record.error_code is not None:
+            codes[record.error_code] = codes.get(record.error_code, 0) + 1
+        if record.submitted_at is not None and record.completed_at is not None:
+            latencies.append((record.completed_at - record.submitted_at).total_seconds() * 1000)
+            firsts.append(record.submitted_at.timestamp())
+            if record.picked_up_at is not None:
+                in_runner.append((record.completed_at - record.picked_up_at).total_seconds() * 1000)
+            lasts.append(record.completed_at.timestamp())
+    span = max(lasts) - min(firsts) if lasts else math.nan
+    return LoadRun(
+        runner=kind,
+        version=version,
+        count=count,
+        completed=statuses.get("completed", 0),
+        statuses=statuses,
+        error_codes=codes,
+        seconds=span,
+        throughput=len(latencies) / span if span and span > 0 else math.nan,
+        latency_ms=Latency.of(latencies),
+        cpu_seconds=cpu,
+        in_runner_ms=Latency.of(in_runner),
+    )

@@ -1,0 +1,198 @@
+"""The bench's verdict and output: each target of the issue PASS/FAIL/n/a, then Markdown tables
+a terminal reads as well as a pull request does, or JSON (``--json``) for scripts.
+
+Only figures already measured come in here (:mod:`.records`); nothing is measured here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from typing import Any
+
+from runner_daemon.bench.children import POLL_HOLD_SECONDS
+from runner_daemon.bench.records import Options, Report, RunnerKind, Target, ratio_of
+
+# Opik's BridgePollLoop runs at most this many commands at once (its _MAX_WORKERS).
+OPIK_WORKERS = 10
+
+# The targets of issue "Performance: runner-daemon bench".
+TARGET_THROUGHPUT_RATIO = 3.0
+TARGET_P99_OVER_P50 = 2.0
+TARGET_IDLE_RSS_MB = 45.0
+TARGET_IDLE_CPU_PERCENT = 0.5
+TARGET_RSS_GROWTH_MB = 5.0
+TARGET_RSS_GROWTH_COUNT = 50_000
+TARGET_READY_SECONDS = 0.5
+
+
+def evaluate_targets(report: Report, options: Options) -> list[Target]:
+    """Each target with PASS/FAIL, or n/a when this run's workload cannot tell."""
+    targets: list[Target] = []
+
+    def add(name: str, goal: str, measured: str, ok: bool | None) -> None:
+        targets.append(Target(name, goal, measured, "n/a" if ok is None else "PASS" if ok else "FAIL"))
+
+    ours, theirs = report.run("runner-daemon"), report.run("opik")
+    steady = options.rate is not None
+    if ours is not None:
+        goal = f">= {TARGET_THROUGHPUT_RATIO:g}x Opik's loop, a burst"
+        if theirs is None:
+            add(
+                "throughput", goal, f"{ours.throughput:.0f} cmd/s; Opik's not measured (--compare opik)", None
+            )
+        else:
+            ratio = ratio_of(ours.throughput, theirs.throughput)
+            measured = f"{ratio:.2f}x ({ours.throughput:.0f} vs {theirs.throughput:.0f} cmd/s)"
+            # At a fixed rate both keep up: the ratio says nothing about capacity.
+            add("throughput", goal, measured, None if steady else ratio >= TARGET_THROUGHPUT_RATIO)
+            p50, their_p50 = ours.latency_ms.p50, theirs.latency_ms.p50
+            add("latency p50", "<= Opik's p50", f"{p50:.1f} ms vs {their_p50:.1f} ms", p50 <= their_p50)
+        ratio = ratio_of(ours.latency_ms.p99, ours.latency_ms.p50)
+        measured = f"{ours.latency_ms.p99:.1f} ms = {ratio:.2f}x p50 ({ours.latency_ms.p50:.1f} ms)"
+        goal = f"<= {TARGET_P99_OVER_P50:g}x p50 under a steady load (--rate)"
+        add("latency p99", goal, measured, ratio <= TARGET_P99_OVER_P50 if steady else None)
+        memory = ours.memory_mb
+        enough = ours.count >= TARGET_RSS_GROWTH_COUNT
+        goal = f"<= {TARGET_RSS_GROWTH_MB:g} MB over {TARGET_RSS_GROWTH_COUNT:,} commands"
+        measured = (
+            f"{memory.growth:+.1f} MB over {ours.count:,} after warm-up "
+            f"({memory.growth_from_start:+.1f} MB from READY)"
+        )
+        add(
+            "RSS growth", goal, measured, memory.growth_from_start <= TARGET_RSS_GROWTH_MB if enough else None
+        )
+        ready = ours.ready_seconds
+        add(
+            "start to READY",
+            f"<= {TARGET_READY_SECONDS:g} s",
+            f"{ready:.3f} s",
+            ready <= TARGET_READY_SECONDS,
+        )
+    idle = next((run for run in report.idle if run.runner == "runner-daemon"), None)
+    if idle is not None:
+        measured = f"{idle.rss_mb:.1f} MB (peak {idle.peak_mb:.1f} MB)"
+        add("idle RSS", f"<= {TARGET_IDLE_RSS_MB:g} MB", measured, idle.rss_mb <= TARGET_IDLE_RSS_MB)
+        measured = f"{idle.cpu_percent:.3f}% ({idle.cpu_seconds:.2f} s CPU in {idle.seconds:.0f} s)"
+        goal = f"< {TARGET_IDLE_CPU_PERCENT:g}% of one core"
+        add("idle CPU", goal, measured, idle.cpu_percent < TARGET_IDLE_CPU_PERCENT)
+        ready = idle.ready_seconds
+        add(
+            "start to READY",
+            f"<= {TARGET_READY_SECONDS:g} s",
+            f"{ready:.3f} s",
+            ready <= TARGET_READY_SECONDS,
+        )
+    return targets
+
+
+def _label(kind: RunnerKind, version: str) -> str:
+    return f"{kind} {version}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table, columns padded so it reads in a terminal too."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        padded = [
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
+    return [line(header), rule, *[line(row) for row in rows]]
+
+
+def _x(value: float) -> str:
+    return f"{value:.2f}x"
+
+
+def format_report(report: Report) -> str:
+    """The report as text: the workload and machine, a table per run kind, then the targets."""
+    options = report.options
+    lines: list[str] = []
+    where = (
+        f"python {platform.python_version()}, {os.cpu_count()} CPUs, load average {report.load_average:.2f}"
+    )
+    if report.load:
+        how = f"{options['rate']:g}/s steady" if options["rate"] else f"burst, window {options['window']}"
+        what = f"{options['count']:,} x {options['command_type']} ({how})"
+        lines.append(f"{what}, concurrency {options['concurrency']}, warm-up {options['warmup']}; {where}")
+        if any(run.runner == "opik" for run in report.load):
+            lines.append(
+                f"(Opik's BridgePollLoop runs {OPIK_WORKERS} commands at once whatever --concurrency)"
+            )
+        header = ["runner", "done", "cmd/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "CPU s", "CPU s/1k"]
+        header += ["RSS MB start", "before", "after", "peak", "READY s"]
+        rows = []
+        for run in report.load:
+            lat, mem = run.latency_ms, run.memory_mb
+            rows.append(
+                [_label(run.runner, run.version), f"{run.completed:,}", f"{run.throughput:.0f}"]
+                + [f"{value:.1f}" for value in (lat.p50, lat.p90, lat.p99, lat.max)]
+                + [f"{run.cpu_seconds:.2f}", f"{run.cpu_per_1000:.3f}"]
+                + [f"{value:.1f}" for value in (mem.start, mem.before, mem.after, mem.peak)]
+                + [f"{run.ready_seconds:.3f}"]
+            )
+        ratios = report.ratios()
+        if ratios is not None:
+            ratio_cells = [_x(ratios[key]) for key in ("throughput", "p50", "p99", "cpu_per_1000")]
+            ratio_cells += [_x(ratios[key]) for key in ("rss_after", "rss_peak", "ready")]
+            throughput, p50, p99, cpu, rss_after, rss_peak, ready = ratio_cells
+            rows.append(
+                ["ours / opik", "", throughput, p50, "", p99, "", "", cpu, "", "", rss_after, rss_peak, ready]
+            )
+        lines += ["", *_table(header, rows)]
+        for run in report.load:
+            problems = {k: v for k, v in run.statuses.items() if k != "completed"}
+            if problems or run.error_codes:
+                lines.append(f"{run.runner}: not completed {problems} {run.error_codes}")
+            lines.append(
+                f"{run.runner}: meanwhile the dev server used {run.devserver_cpu_seconds:.2f} s CPU and this "
+                f"bench {run.bench_cpu_seconds:.2f} s; {run.polls:,} polls; claimed to stored p50 "
+                f"{run.in_runner_ms.p50:.1f} ms, p99 {run.in_runner_ms.p99:.1f} ms; exit {run.exit_status}"
+            )
+            if run.late_submissions:
+                lines.append(f"{run.runner}: {run.late_submissions} submissions more than 10 ms late")
+    if report.idle:
+        seconds = report.idle[0].seconds
+        lines.append(
+            f"idle {seconds:.0f} s (poll hold {POLL_HOLD_SECONDS:g} s, heartbeat every 5 s); {where}"
+        )
+        rows = [
+            [
+                _label(idle.runner, idle.version),
+                f"{idle.cpu_seconds:.2f}",
+                f"{idle.cpu_percent:.3f}",
+                f"{idle.rss_mb:.1f}",
+                f"{idle.peak_mb:.1f}",
+                f"{idle.ready_seconds:.3f}",
+            ]
+            for idle in report.idle
+        ]
+        lines += ["", *_table(["runner", "CPU s", "% of one core", "RSS MB", "peak MB", "READY s"], rows)]
+    if report.targets:
+        lines += ["", *_table(["target", "goal", "measured", ""], [
+            [target.name, target.goal, target.measured, target.status] for target in report.targets
+        ])]  # fmt: skip
+    return "\n".join(lines)
+
+
+def format_json(report: Report) -> str:
+    """The report as JSON, every figure that could not be measured as null."""
+    return json.dumps(_finite(report.as_json()), indent=2)
+
+
+def _finite(value: Any) -> Any:
+    """NaN (a figure that could not be measured) becomes null: JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value

@@ -1,0 +1,373 @@
+"""The bench itself: a dev server, then each runner in turn under the same load (or idle side
+by side), measured from outside; and ``run_bench``, the ``bench`` command's body.
+
+Which process does what is in the package's docstring (:mod:`runner_daemon.bench`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+import anyio.to_thread
+
+from runner_daemon import __version__
+from runner_daemon.bench.children import (
+    FINISHED_TTL_SECONDS,
+    LISTENING,
+    STOP_TIMEOUT_SECONDS,
+    Children,
+    clean_environ,
+    devserver_command,
+    opik_environ,
+    signals_raise,
+)
+from runner_daemon.bench.load_client import LoadClient, submit, wait_final
+from runner_daemon.bench.probes import cpu_seconds, memory_mb
+from runner_daemon.bench.records import (
+    BenchError,
+    Finished,
+    IdleRun,
+    LoadRun,
+    Memory,
+    Options,
+    Report,
+    RunnerKind,
+    summarise,
+)
+from runner_daemon.bench.report import evaluate_targets, format_json, format_report
+
+START_TIMEOUT_SECONDS = 30.0
+IDLE_SETTLE_SECONDS = 3.0
+# A load run gives up when no command finished for this long.
+STALL_SECONDS = 30.0
+# Run by path with --opik-python, isolated: it imports opik, never runner_daemon.
+OPIK_DRIVER = Path(__file__).with_name("opik_driver.py")
+
+COMMAND_ARGS: Mapping[str, dict[str, Any]] = {
+    "ReadFile": {"path": "README.md"},
+    "ListFiles": {"path": "src"},
+}
+
+
+@dataclass
+class Runner:
+    """A runner process under test, and the notify socket it reports to."""
+
+    kind: RunnerKind
+    runner_id: str
+    proc: subprocess.Popen[bytes]
+    ready_seconds: float
+    notify: socket.socket
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> int:
+        # Opik's loop only looks at its stop event between polls (a poll is held 30 s).
+        status = Children.stop(self.proc, STOP_TIMEOUT_SECONDS if self.kind == "runner-daemon" else 1.0)
+        self.notify.close()
+        return status
+
+
+class Bench:
+    """One ``bench`` command's set-up and runs, in the scratch folder it is given."""
+
+    def __init__(self, options: Options, children: Children, scratch: Path) -> None:
+        self.options = options
+        self.children = children
+        self.scratch = scratch
+        self.workspace = scratch / "workspace"
+        self.logs = scratch / "logs"
+        self.url = ""
+        self.opik_version = ""
+        self.devserver_pid = 0
+        self.client = LoadClient("http://127.0.0.1/")  # replaced once the dev server listens
+
+    # --- set-up -------------------------------------------------------------------------
+
+    def make_workspace(self) -> None:
+        (self.workspace / "src").mkdir(parents=True)
+        self.logs.mkdir()
+        lines = [f"line {i}: a small file for runner-daemon bench to read\n" for i in range(20)]
+        (self.workspace / "README.md").write_text("# bench\n" + "".join(lines))
+        for i in range(10):
+            (self.workspace / "src" / f"module_{i}.py").write_text(f"VALUE = {i}\n")
+
+    def _log(self, name: str) -> IO[bytes]:
+        """A child's output file, kept in the scratch folder (which stays when the bench fails)."""
+        return open(self.logs / name, "wb")
+
+    async def start_devserver(self) -> None:
+        argv, env = devserver_command(max_pending=self.options.window + 50)
+        with self._log("devserver.log") as stderr:
+            proc = self.children.spawn(argv, env, stdout=subprocess.PIPE, stderr=stderr, cwd=self.scratch)
+        assert proc.stdout is not None
+        stdout = proc.stdout
+
+        def first_line() -> bytes:
+            return stdout.readline()
+
+        line = b""
+        with anyio.move_on_after(START_TIMEOUT_SECONDS):
+            line = await anyio.to_thread.run_sync(first_line, abandon_on_cancel=True)
+        text = line.decode(errors="replace").strip()
+        if not text.startswith(LISTENING):
+            proc.kill()
+            raise BenchError(f"the dev server did not start: {text or 'no output'}")
+        self.url = text.removeprefix(LISTENING)
+        self.devserver_pid = proc.pid
+
+    async def check_opik(self) -> None:
+        argv = [self.options.opik_python, "-I", "-c", "import opik; print(opik.__version__)"]
+        try:
+            with anyio.fail_after(120):
+                done = await anyio.run_process(argv, check=False, env=opik_environ(self.url or None))
+        except (OSError, TimeoutError) as exc:
+            raise BenchError(f"cannot run {self.options.opik_python}: {exc}") from None
+        if done.returncode != 0:
+            raise BenchError(
+                f"opik is not importable by {self.options.opik_python}; install the 'compare' extra "
+                "(pip install 'runner-daemon[compare]') or pass --opik-python"
+            )
+        self.opik_version = done.stdout.decode().strip()
+
+    # --- one runner -----------------------------------------------------------------------
+
+    def _runner_command(
+        self, kind: RunnerKind, runner_id: str, address: str
+    ) -> tuple[list[str], dict[str, str]]:
+        if kind == "runner-daemon":
+            env = {
+                **clean_environ(),
+                "RUNNER_DAEMON_URL": self.url,
+                "RUNNER_DAEMON_RUNNER_ID": runner_id,
+                "RUNNER_DAEMON_WORKSPACE_ROOT": str(self.workspace),
+                "RUNNER_DAEMON_STATE_DIRECTORY": str(self.scratch / f"state-{runner_id}"),
+                "RUNNER_DAEMON_ALLOW_UNSIGNED_COMMANDS": "true",
+                "RUNNER_DAEMON_LOG_LEVEL": "warning",
+                "RUNNER_DAEMON_LOG_FORMAT": "json",
+                "RUNNER_DAEMON_MAX_CONCURRENCY": str(self.options.concurrency),
+                # Nothing runs when the bench stops it: the grace only bounds the wait for its
+                # open poll (held 30 s by the dev server), which it keeps at a stop.
+                "RUNNER_DAEMON_SHUTDOWN_GRACE_SECONDS": "2",
+                "NOTIFY_SOCKET": address,
+            }
+            return [sys.executable, "-m", "runner_daemon", "run"], env
+        argv = [self.options.opik_python, "-I", str(OPIK_DRIVER), self.url, runner_id, str(self.workspace)]
+        return [*argv, self.options.opik_client], {**opik_environ(self.url), "NOTIFY_SOCKET": address}
+
+    async def start_runner(self, kind: RunnerKind, name: str) -> Runner:
+        """Create a runner on the dev server and spawn its process with a NOTIFY_SOCKET of ours;
+        the time from the spawn to its READY=1 is its start-up time."""
+        created = await self.client.request("POST", "dev/runners", {"name": name})
+        runner_id = str(created["runner_id"])
+        address = str(self.scratch / f"notify-{runner_id[:8]}.sock")
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            notify.bind(address)
+            notify.settimeout(0.1)
+            argv, env = self._runner_command(kind, runner_id, address)
+            with self._log(f"{kind}-{runner_id[:8]}.log") as log:
+                spawned = time.monotonic()
+                proc = self.children.spawn(argv, env, stdout=log, stderr=log, cwd=self.scratch)
+
+            def wait_ready() -> float | None:
+                deadline = spawned + START_TIMEOUT_SECONDS
+                while time.monotonic() < deadline and proc.poll() is None:
+                    try:
+                        message = notify.recv(4096)
+                    except TimeoutError:
+                        continue
+                    if b"READY=1" in message.split(b"\n"):
+                        return time.monotonic() - spawned
+                return None
+
+            ready = await anyio.to_thread.run_sync(wait_ready)
+            if ready is None:
+                Children.stop(proc, 1.0)
+                raise BenchError(f"{kind} did not become ready (exit status {proc.poll()})")
+        except BaseException:
+            notify.close()
+            raise
+        # Later STATUS= messages pile up unread in the socket's buffer: the daemon never blocks.
+        notify.setblocking(False)
+        return Runner(kind, runner_id, proc, ready, notify)
+
+    def _version(self, kind: RunnerKind) -> str:
+        return __version__ if kind == "runner-daemon" else self.opik_version
+
+    async def load(self, kind: RunnerKind) -> LoadRun:
+        options = self.options
+        runner = await self.start_runner(kind, f"bench-{kind}")
+        runner_id = runner.runner_id
+        try:
+            start_rss, _ = memory_mb(runner.pid)
+            if options.warmup:
+                await self.drive(runner_id, options.warmup, None)
+            polls_before = await self._polls(runner_id)
+            cpu_before, rss_before = cpu_seconds(runner.pid), memory_mb(runner.pid)[0]
+            server_before, own_before = cpu_seconds(self.devserver_pid), cpu_seconds(os.getpid())
+            records, late = await self.drive(runner_id, options.count, options.rate)
+            cpu_after, (rss_after, peak) = cpu_seconds(runner.pid), memory_mb(runner.pid)
+            server_cpu = cpu_seconds(self.devserver_pid) - server_before
+            polls = await self._polls(runner_id) - polls_before
+            own_cpu = cpu_seconds(os.getpid()) - own_before
+        finally:
+            status = runner.stop()
+        run = summarise(kind, self._version(kind), options.count, records, cpu_after - cpu_before)
+        run.memory_mb = Memory(start_rss, rss_before, rss_after, peak)
+        run.ready_seconds = runner.ready_seconds
+        run.late_submissions = late
+        run.exit_status = status
+        run.devserver_cpu_seconds = server_cpu
+        run.bench_cpu_seconds = own_cpu
+        run.polls = polls
+        return run
+
+    async def _polls(self, runner_id: str) -> int:
+        return int((await self.client.request("GET", f"dev/runners/{runner_id}/stats"))["polls"])
+
+    async def drive(self, runner_id: str, count: int, rate: float | None) -> tuple[list[Finished], int]:
+        """Submit ``count`` commands (a burst, or ``rate`` per second) with at most ``window``
+        unfinished at a time; returns every final record and how many submissions were late."""
+        options = self.options
+        args = COMMAND_ARGS[options.command_type]
+        records: list[Finished] = []
+        window = anyio.Semaphore(options.window)
+        late = 0
+
+        async def one() -> None:
+            try:
+                command_id = await submit(self.client, runner_id, options.command_type, args)
+                records.append(await wait_final(self.client, runner_id, command_id))
+            finally:
+                window.release()
+
+        async def watch_progress() -> None:
+            """Give up early when results stop coming (a runner that dropped some, or died)."""
+            seen, since = -1, time.monotonic()
+            while len(records) < count:
+                if len(records) != seen:
+                    seen, since = len(records), time.monotonic()
+                elif time.monotonic() - since > STALL_SECONDS:
+                    raise BenchError(
+                        f"no result for {STALL_SECONDS:g} s; {seen} of {count} commands finished"
+                    )
+                await anyio.sleep(0.5)
+
+        try:
+            with anyio.fail_after(options.timeout):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(watch_progress)
+                    started = time.monotonic()
+                    for i in range(count):
+                        if rate is not None:
+                            due = started + i / rate
+                            now = time.monotonic()
+                            if due > now:
+                                await anyio.sleep(due - now)
+                            elif now - due > 0.01:
+                                late += 1
+                        await window.acquire()
+                        tg.start_soon(one)
+        except TimeoutError:
+            raise BenchError(
+                f"only {len(records)} of {count} commands finished within {options.timeout:.0f} s (--timeout)"
+            ) from None
+        except ExceptionGroup as group:
+            first = group.exceptions[0]
+            if isinstance(first, BenchError):
+                raise first from None
+            raise BenchError(f"a request of the bench failed: {first!r}") from None
+        return records, late
+
+    async def idle(self, kinds: list[RunnerKind], seconds: float) -> list[IdleRun]:
+        """Start the runners together, let them settle, then watch them idle side by side."""
+        runners: list[Runner] = []
+        try:
+            for kind in kinds:
+                runners.append(await self.start_runner(kind, f"bench-idle-{kind}"))
+            await anyio.sleep(IDLE_SETTLE_SECONDS)
+            before = [cpu_seconds(runner.pid) for runner in runners]
+            clock = time.monotonic()
+            await anyio.sleep(seconds)
+            elapsed = time.monotonic() - clock
+            runs = []
+            for runner, cpu in zip(runners, before, strict=True):
+                used = cpu_seconds(runner.pid) - cpu
+                rss, peak = memory_mb(runner.pid)
+                version = self._version(runner.kind)
+                runs.append(IdleRun(runner.kind, version, elapsed, used, rss, peak, runner.ready_seconds))
+        finally:
+            statuses = [runner.stop() for runner in runners]
+        for run, status in zip(runs, statuses, strict=True):
+            run.exit_status = status
+        return runs
+
+    async def run(self) -> Report:
+        options = self.options
+        report = Report(options=asdict(options))
+        self.make_workspace()
+        await self.start_devserver()
+        report.devserver_url = self.url
+        kinds: list[RunnerKind] = ["runner-daemon"]
+        if options.compare == "opik":
+            await self.check_opik()
+            kinds.append("opik")
+        self.client = LoadClient(self.url)
+        try:
+            if options.idle is not None:
+                report.idle = await self.idle(kinds, options.idle)
+            else:
+                for i, kind in enumerate(kinds):
+                    if i:  # let the dev server forget the first runner's commands
+                        await anyio.sleep(FINISHED_TTL_SECONDS + 1.0)
+                    report.load.append(await self.load(kind))
+        finally:
+            await self.client.aclose()
+        report.targets = evaluate_targets(report, options)
+        return report
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """The ``bench`` command's body; exit 1 when the bench could not measure or commands failed."""
+    options = Options.from_args(args)
+    problem = options.check()
+    if problem:
+        print(f"runner-daemon bench: {problem}", file=sys.stderr)
+        return 2
+    if not sys.platform.startswith("linux"):
+        print("runner-daemon bench: needs Linux (/proc)", file=sys.stderr)
+        return 1
+    # Short: a unix socket path must fit in 108 bytes.
+    scratch = Path(tempfile.mkdtemp(prefix="rd-bench-"))
+    try:
+        with signals_raise(), Children() as children:
+            report = anyio.run(Bench(options, children, scratch).run)
+    except BenchError as exc:
+        print(f"runner-daemon bench: {exc}; the children's logs are in {scratch / 'logs'}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        shutil.rmtree(scratch, ignore_errors=True)
+        print("runner-daemon bench: interrupted", file=sys.stderr)
+        return 130
+    shutil.rmtree(scratch, ignore_errors=True)
+    if options.json:
+        print(format_json(report))
+    else:
+        print(format_report(report))
+    incomplete = [run for run in report.load if run.completed != run.count]
+    return 1 if incomplete else 0
