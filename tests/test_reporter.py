@@ -1,0 +1,120 @@
+"""The report phase alone: a Reporter against the dev server, with no loop or daemon around it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from runner_daemon.bridge.reporter import Reporter
+from runner_daemon.bridge.results import Outcome
+from runner_daemon.bridge.stats import LoopStats
+from runner_daemon.core.api import RunnerApi
+from runner_daemon.core.errors import RunnerGone, Unauthorized
+from runner_daemon.core.outbox import Outbox, StartedCommand
+from runner_daemon.core.settings import Settings
+from runner_daemon.devserver.server import DevServer
+from tests.support import make_settings
+
+pytestmark = pytest.mark.anyio
+
+DONE = Outcome.completed({"content": "x"}, 3)
+
+
+@pytest.fixture
+async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
+    box = Outbox.open(tmp_path / "state")
+    yield box
+    await box.close()
+
+
+async def _picked_up(api: RunnerApi, runner_id: str) -> str:
+    """A command the runner holds as picked up, as the loop would after a poll."""
+    await api.heartbeat(runner_id, ["bridge"])
+    command_id = await api.submit_command(runner_id, "ReadFile", {"path": "README.md"})
+    assert [item["command_id"] for item in await api.poll(runner_id, 1)] == [command_id]
+    return command_id
+
+
+def _reporter(settings: Settings, api: RunnerApi, stats: LoopStats, outbox: Outbox) -> Reporter:
+    return Reporter(api, settings, stats, outbox, known_types=frozenset({"ReadFile"}))
+
+
+async def test_a_result_is_journalled_delivered_and_counted(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, outbox: Outbox
+) -> None:
+    command_id = await _picked_up(api, runner_id)
+    stats = LoopStats()
+    await api.dev_post("faults", {"route": "report", "status": 503, "count": 2})
+    reporter = _reporter(make_settings(devserver.url, runner_id, workspace), api, stats, outbox)
+    assert await reporter.report(command_id, "ReadFile", DONE) is True
+    record = await api.get_command(runner_id, command_id)
+    assert record.status == "completed" and record.result == {"content": "x"}
+    assert (stats.completed, stats.report_retries, outbox.undelivered) == (1, 2, 0)
+    assert stats.outcomes == {("ReadFile", "completed"): 1}
+
+
+async def test_a_409_is_success_never_an_error(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, outbox: Outbox
+) -> None:
+    command_id = await _picked_up(api, runner_id)
+    stats = LoopStats()
+    reporter = _reporter(make_settings(devserver.url, runner_id, workspace), api, stats, outbox)
+    assert await reporter.report(command_id, "ReadFile", DONE) is True
+    assert await reporter.report(command_id, "ReadFile", Outcome.failed("x", "late")) is True
+    assert stats.already_reported == 1
+    assert (stats.dropped, stats.report_retries, stats.poll_errors, outbox.undelivered) == (0, 0, 0, 0)
+    assert (await api.get_command(runner_id, command_id)).status == "completed"
+
+
+async def test_a_404_ends_a_live_report_but_only_drops_one_owed_from_before(
+    devserver: DevServer, api: RunnerApi, workspace: Path, outbox: Outbox
+) -> None:
+    gone = str(uuid.uuid4())  # a runner the server does not know
+    stats = LoopStats()
+    reporter = _reporter(make_settings(devserver.url, gone, workspace), api, stats, outbox)
+    with pytest.raises(RunnerGone):
+        await reporter.report(str(uuid.uuid4()), "ReadFile", DONE)
+    entry = reporter.entry(str(uuid.uuid4()), "ReadFile", DONE)
+    await outbox.result(entry)
+    assert await reporter.deliver(entry, recovered=True) is False
+    # Neither can ever be delivered: both left the outbox, both counted as dropped.
+    assert (stats.dropped, outbox.undelivered) == (2, 0)
+
+
+async def test_refused_credentials_raise_and_keep_the_result_owed(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, outbox: Outbox
+) -> None:
+    command_id = await _picked_up(api, runner_id)
+    await api.dev_post("faults", {"route": "report", "status": 401, "count": 1})
+    stats = LoopStats()
+    reporter = _reporter(make_settings(devserver.url, runner_id, workspace), api, stats, outbox)
+    with pytest.raises(Unauthorized):
+        await reporter.report(command_id, "ReadFile", DONE)
+    assert outbox.undelivered == 1  # sent again by the next start
+    assert (await api.get_command(runner_id, command_id)).status == "picked_up"
+
+
+async def test_owed_from_before_reports_interrupted_commands_and_keeps_owed_results(
+    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, tmp_path: Path
+) -> None:
+    settings = make_settings(devserver.url, runner_id, workspace, state_directory=tmp_path / "state")
+    first = Outbox.open(settings.state_directory)
+    stats = LoopStats()
+    owed = _reporter(settings, api, stats, first).entry("c-owed", "ReadFile", DONE)
+    await first.result(owed)
+    await first.started(runner_id, "c-running", "Exec")
+    await first.close()
+    second = Outbox.open(settings.state_directory)
+    try:
+        assert second.recovered.interrupted == [StartedCommand(runner_id, "c-running", "Exec")]
+        entries = await _reporter(settings, api, stats, second).owed_from_before()
+        assert [entry.command_id for entry in entries] == ["c-owed", "c-running"]
+        assert entries[0].body == owed.body
+        interrupted = Outcome.failed("interrupted", "The daemon restarted while the command ran")
+        assert entries[1].body == _reporter(settings, api, stats, second).entry("c", "Exec", interrupted).body
+        assert second.undelivered == 2  # journalled before any delivery is tried
+    finally:
+        await second.close()
