@@ -26,6 +26,9 @@ A failing disk (ENOSPC, EIO, a short write) never loses what is in memory: the l
 written stay buffered and are retried, the next write starts on a fresh line so a torn one
 stands alone, and :attr:`Outbox.failure` tells the loop to stop taking commands until a
 write succeeds again. Only one daemon may use a journal at a time (an exclusive ``flock``).
+
+Over 400 lines on purpose: the journal's line format, its replay and its writes must agree
+line by line, and reading them side by side is how that is checked.
 """
 
 from __future__ import annotations

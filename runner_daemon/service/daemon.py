@@ -5,6 +5,8 @@ and :meth:`Daemon.force_stop` (exit now). Errors that end the daemon are raised 
 loops as :class:`~runner_daemon.core.errors.Fatal` and caught once, in :meth:`Daemon.run`.
 Each resource (the API client, the outbox, the handlers' services) is opened and closed by
 :meth:`Daemon.run` alone, in one ``AsyncExitStack``.
+
+Over 400 lines on purpose: the phases of one life read top to bottom in one class.
 """
 
 from __future__ import annotations
