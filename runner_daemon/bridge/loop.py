@@ -256,9 +256,7 @@ class Reporter:
         with anyio.move_on_after(max(remaining, 0.0)):
             while True:
                 try:
-                    await self._api.report(
-                        entry.runner_id, entry.command_id, entry.body, conflict=AlreadyReported
-                    )
+                    await self._api.report(entry.runner_id, entry.command_id, entry.body)
                 except AlreadyReported:
                     self._stats.already_reported += 1
                     bound.info("command already reported (or timed out by the server)")
