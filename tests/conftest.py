@@ -8,7 +8,7 @@ import pytest
 import structlog
 
 from runner_daemon.core import logs
-from runner_daemon.core.api import RunnerApi
+from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer, DevServerConfig
 from tests.support import DaemonProcesses
 
@@ -71,13 +71,13 @@ def workspace(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def api(devserver: DevServer) -> AsyncIterator[RunnerApi]:
-    async with RunnerApi(devserver.url) as client:
+async def api(devserver: DevServer) -> AsyncIterator[DevClient]:
+    async with DevClient(devserver.url) as client:
         yield client
 
 
 @pytest.fixture
-async def runner_id(api: RunnerApi) -> str:
+async def runner_id(api: DevClient) -> str:
     return await api.dev_create_runner("test-runner")
 
 

@@ -21,9 +21,9 @@ from runner_daemon.bridge.handlers import HandlerRegistry, discover
 from runner_daemon.bridge.handlers.base import Args, Handler, HandlerContext, HandlerServices
 from runner_daemon.bridge.loop import BridgeLoop
 from runner_daemon.bridge.stats import LoopStats
-from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.outbox import Outbox
 from runner_daemon.core.settings import Settings, load_settings
+from runner_daemon.devserver.client import DevClient
 from runner_daemon.service.daemon import Daemon
 
 # Short timings so failures and retries take milliseconds, not seconds.
@@ -160,7 +160,7 @@ async def running_daemon(
         daemon.request_stop("test over")
 
 
-async def wait_terminal(api: RunnerApi, runner_id: str, command_id: str, timeout: float = 10) -> Any:
+async def wait_terminal(api: DevClient, runner_id: str, command_id: str, timeout: float = 10) -> Any:
     record = await api.get_command(runner_id, command_id, wait=timeout)
     assert record.terminal, f"command {command_id} still {record.status}"
     return record
@@ -256,11 +256,11 @@ async def until(check: Callable[[], Any], timeout: float = 10.0) -> None:
             await anyio.sleep(0.02)
 
 
-async def command_status_is(api: RunnerApi, runner_id: str, command_id: str, status: str) -> bool:
+async def command_status_is(api: DevClient, runner_id: str, command_id: str, status: str) -> bool:
     return (await api.get_command(runner_id, command_id)).status == status
 
 
-async def runner_connected(api: RunnerApi, runner_id: str) -> bool:
+async def runner_connected(api: DevClient, runner_id: str) -> bool:
     return (await api.get_runner(runner_id)).status == "connected"
 
 
@@ -284,7 +284,7 @@ def started_in_journal(state_directory: Path) -> set[str]:
     return ids
 
 
-def bare_loop(settings: Settings, api: RunnerApi) -> BridgeLoop:
+def bare_loop(settings: Settings, api: DevClient) -> BridgeLoop:
     """The loop's phases without a daemon around them."""
     outbox = open_outbox(settings)
     return BridgeLoop(settings, api, registry_for_tests(), LoopStats(), outbox, services=HandlerServices())

@@ -24,9 +24,9 @@ import pytest
 from runner_daemon.bridge.handlers.exec import child_environment
 from runner_daemon.bridge.results import Outcome
 from runner_daemon.bridge.signing import encode_bridge_key
-from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.models import BridgeCommand
 from runner_daemon.core.settings import load_settings
+from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer
 from runner_daemon.system.processes import GroupWatcher, group_alive
 from tests.support import (
@@ -163,7 +163,7 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
-async def start_background(api: RunnerApi, runner_id: str, workspace: Path, name: str) -> list[int]:
+async def start_background(api: DevClient, runner_id: str, workspace: Path, name: str) -> list[int]:
     """A background Exec whose leader and detached child both sleep; their pids."""
     command_id = await api.submit_command(
         runner_id, "Exec", {"command": SLEEPERS.format(name=name), "background": True}
@@ -183,7 +183,7 @@ async def all_gone(pids: list[int]) -> None:
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "SIGHUP", "disconnected"])
 async def test_background_processes_end_when_the_daemon_stops(
     devserver: DevServer,
-    api: RunnerApi,
+    api: DevClient,
     runner_id: str,
     workspace: Path,
     daemons: DaemonProcesses,
@@ -209,7 +209,7 @@ async def test_background_processes_end_when_the_daemon_stops(
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_background_processes_end_on_a_forced_exit(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, daemons: DaemonProcesses
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path, daemons: DaemonProcesses
 ) -> None:
     """A second signal abandons in-flight commands, but still ends the background ones."""
     proc = daemons.spawn(daemon_environment(devserver.url, runner_id, workspace, shutdown_grace_seconds=60))
@@ -228,7 +228,7 @@ async def test_background_processes_end_on_a_forced_exit(
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_processes_end_even_when_the_daemon_is_killed(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, daemons: DaemonProcesses
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path, daemons: DaemonProcesses
 ) -> None:
     """SIGKILL leaves the daemon no chance to clean up: its group watcher does it."""
     proc = daemons.spawn(daemon_environment(devserver.url, runner_id, workspace))
@@ -357,7 +357,7 @@ FORBIDDEN = [
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_exec_children_cannot_read_the_daemons_secrets(
-    devserver: DevServer, api: RunnerApi, unprivileged_user: pwd.struct_passwd
+    devserver: DevServer, api: DevClient, unprivileged_user: pwd.struct_passwd
 ) -> None:
     home = Path(tempfile.mkdtemp(prefix="rd-exec-test-"))  # tmp_path is private to root
     logs = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed below
@@ -415,7 +415,7 @@ async def test_exec_children_cannot_read_the_daemons_secrets(
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_hang_up_of_a_closed_terminal_still_drains_and_exits_0(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path
 ) -> None:
     """The terminal is gone before SIGHUP arrives: every log line now fails with EIO."""
     main, terminal = os.openpty()
@@ -447,7 +447,7 @@ async def test_a_hang_up_of_a_closed_terminal_still_drains_and_exits_0(
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_the_background_log_folder_goes_with_the_daemon(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, daemons: DaemonProcesses
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path, daemons: DaemonProcesses
 ) -> None:
     proc = daemons.spawn(daemon_environment(devserver.url, runner_id, workspace))
     await until(lambda: runner_connected(api, runner_id), 20)

@@ -27,8 +27,8 @@ import anyio
 import pytest
 
 from runner_daemon.bridge.results import Outcome
-from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.models import BridgeCommand
+from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer
 from tests.support import (
     DaemonProcesses,
@@ -235,7 +235,7 @@ async def test_a_file_swapped_for_a_fifo_never_hangs_a_read(fifo_swap: Path) -> 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_the_daemon_still_stops_on_sigterm_after_commands_on_a_swapped_fifo(
-    devserver: DevServer, api: RunnerApi, runner_id: str, tmp_path: Path, daemons: DaemonProcesses
+    devserver: DevServer, api: DevClient, runner_id: str, tmp_path: Path, daemons: DaemonProcesses
 ) -> None:
     """A read or edit blocked on a FIFO for good would keep the stop waiting for ever."""
     root = tmp_path / "ws"

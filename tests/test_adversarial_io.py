@@ -26,17 +26,19 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner_daemon.core.api import RunnerApi, _AnswerTooLarge, _BoundedBody
+from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.errors import (
     ConfigError,
-    ProtocolError,
     RunnerGone,
     ServerError,
     TransportError,
     Unauthorized,
+    UnreadableAnswer,
 )
 from runner_daemon.core.logs import Scrubber, configure_logging, secret_forms
 from runner_daemon.core.settings import load_settings
+from runner_daemon.core.transport import _AnswerTooLarge, _BoundedBody
+from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer
 from runner_daemon.service import credentials
 from runner_daemon.service.cli import main
@@ -284,7 +286,7 @@ def test_pair_prints_no_key_an_error_quotes(
 
 
 @pytest.fixture
-async def signed_runner(api: RunnerApi, tmp_path: Path) -> tuple[str, bytes, Path]:
+async def signed_runner(api: DevClient, tmp_path: Path) -> tuple[str, bytes, Path]:
     """A runner whose commands the dev server signs, and its key in a file ending in a newline."""
     key = os.urandom(32)
     runner_id = await api.dev_create_runner("keyed", bridge_key=key)
@@ -298,7 +300,7 @@ async def signed_runner(api: RunnerApi, tmp_path: Path) -> tuple[str, bytes, Pat
 @pytest.mark.parametrize("source", ["OPIK_API_KEY", "toml"])
 async def test_a_daemon_given_keys_with_newlines_starts_and_never_shows_them(
     devserver: DevServer,
-    api: RunnerApi,
+    api: DevClient,
     workspace: Path,
     tmp_path: Path,
     daemons: DaemonProcesses,
@@ -418,11 +420,11 @@ async def _peak_growth(action: Callable[[], Awaitable[object]], expected: type[B
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
-async def test_a_compression_bomb_is_a_protocol_error_in_bounded_memory(encoding: str) -> None:
+async def test_a_compression_bomb_is_an_unreadable_answer_in_bounded_memory(encoding: str) -> None:
     with HostileServer(_bombs(encoding)) as server:
         async with RunnerApi(server.url) as api:
-            poll_peak = await _peak_growth(lambda: api.poll(RUNNER, 10), ProtocolError)
-            beat_peak = await _peak_growth(lambda: api.heartbeat(RUNNER, ["bridge"]), ProtocolError)
+            poll_peak = await _peak_growth(lambda: api.poll(RUNNER, 10), UnreadableAnswer)
+            beat_peak = await _peak_growth(lambda: api.heartbeat(RUNNER, ["bridge"]), UnreadableAnswer)
     assert poll_peak < MEMORY_BOUND and beat_peak < MEMORY_BOUND
 
 
@@ -430,8 +432,8 @@ async def test_a_compression_bomb_is_a_protocol_error_in_bounded_memory(encoding
 async def test_an_endless_plain_answer_is_refused_unread() -> None:
     with HostileServer(_endless) as server:
         async with RunnerApi(server.url) as api:
-            poll_peak = await _peak_growth(lambda: api.poll(RUNNER, 10), ProtocolError)
-            beat_peak = await _peak_growth(lambda: api.heartbeat(RUNNER, ["bridge"]), ProtocolError)
+            poll_peak = await _peak_growth(lambda: api.poll(RUNNER, 10), UnreadableAnswer)
+            beat_peak = await _peak_growth(lambda: api.heartbeat(RUNNER, ["bridge"]), UnreadableAnswer)
     assert poll_peak < MEMORY_BOUND and beat_peak < MEMORY_BOUND
 
 
@@ -471,10 +473,10 @@ async def test_a_huge_error_answer_keeps_its_meaning() -> None:
         (POLL, b'{"commands": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
     ],
 )
-async def test_wrong_json_is_a_protocol_error(path: str, body: bytes) -> None:
+async def test_wrong_json_is_an_unreadable_answer(path: str, body: bytes) -> None:
     with HostileServer(lambda request: json_answer(body)) as server:
         async with RunnerApi(server.url) as api:
-            with pytest.raises(ProtocolError):
+            with pytest.raises(UnreadableAnswer):
                 if path == HEARTBEAT:
                     await api.heartbeat(RUNNER, ["bridge"])
                 else:
@@ -486,7 +488,7 @@ async def test_stacked_encodings_are_refused() -> None:
     body = bomb("gzip", 1)
     with HostileServer(lambda request: json_answer(body, encoding="gzip, gzip")) as server:
         async with RunnerApi(server.url) as api:
-            with pytest.raises(ProtocolError, match="Content-Encoding"):
+            with pytest.raises(UnreadableAnswer, match="Content-Encoding"):
                 await api.poll(RUNNER, 10)
 
 
@@ -506,7 +508,7 @@ async def test_a_slow_drip_is_cut_by_the_deadline() -> None:
 
 
 @pytest.mark.anyio
-async def test_a_legitimate_large_poll_answer_still_passes(api: RunnerApi, runner_id: str) -> None:
+async def test_a_legitimate_large_poll_answer_still_passes(api: DevClient, runner_id: str) -> None:
     """Two commands with args at Opik's payload cap, in one answer."""
     await api.heartbeat(runner_id, ["bridge"])
     padding = "x" * (1_048_576 - 100)

@@ -21,9 +21,9 @@ from typing import Any
 import anyio
 import pytest
 
-from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.errors import Conflict
 from runner_daemon.core.outbox import JOURNAL_FILE, Outbox, OwedResult
+from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer, DevServerConfig
 from tests.support import (
     DaemonProcesses,
@@ -96,7 +96,7 @@ async def stop(proc: subprocess.Popen[str]) -> None:
 
 @pytest.mark.parametrize("refusal", [401, 403])
 async def test_refused_credentials_on_a_report_keep_the_result_and_exit_77(
-    spawn: Spawn, api: RunnerApi, runner_id: str, workspace: Path, refusal: int
+    spawn: Spawn, api: DevClient, runner_id: str, workspace: Path, refusal: int
 ) -> None:
     first = spawn(runner_id)
     await until(lambda: ready(first), 20)
@@ -116,24 +116,24 @@ async def test_refused_credentials_on_a_report_keep_the_result_and_exit_77(
 # --- 2. a command id is never run twice -----------------------------------------------------
 
 
-async def _report_attempts(api: RunnerApi, runner_id: str, command_id: str) -> int:
+async def _report_attempts(api: DevClient, runner_id: str, command_id: str) -> int:
     records = await api.dev_get(f"runners/{runner_id}/commands")
     return int(next(r for r in records if r["command_id"] == command_id)["report_attempts"])
 
 
-async def _redeliver(api: RunnerApi, runner_id: str, command_id: str) -> int:
+async def _redeliver(api: DevClient, runner_id: str, command_id: str) -> int:
     """Hand ``command_id`` out again; returns the report attempts the server saw before."""
     before = await _report_attempts(api, runner_id, command_id)
     await api.dev_post(f"runners/{runner_id}/redeliver", {"command_id": command_id})
     return before
 
 
-async def _answered_again(api: RunnerApi, runner_id: str, command_id: str, before: int) -> bool:
+async def _answered_again(api: DevClient, runner_id: str, command_id: str, before: int) -> bool:
     return await _report_attempts(api, runner_id, command_id) > before
 
 
 async def test_a_command_delivered_twice_in_one_run_runs_once(
-    spawn: Spawn, api: RunnerApi, runner_id: str, workspace: Path
+    spawn: Spawn, api: DevClient, runner_id: str, workspace: Path
 ) -> None:
     daemon = spawn(runner_id)
     await until(lambda: ready(daemon), 20)
@@ -152,7 +152,7 @@ async def test_a_command_delivered_twice_in_one_run_runs_once(
 
 
 async def test_a_command_delivered_again_after_a_restart_or_a_crash_is_not_run_again(
-    spawn: Spawn, api: RunnerApi, runner_id: str, workspace: Path, state: Path
+    spawn: Spawn, api: DevClient, runner_id: str, workspace: Path, state: Path
 ) -> None:
     first = spawn(runner_id)
     await until(lambda: ready(first), 20)
@@ -183,7 +183,7 @@ async def test_a_command_delivered_again_after_a_restart_or_a_crash_is_not_run_a
 @pytest.mark.parametrize("reject", [True, False])
 async def test_a_replayed_signature_is_refused_when_asked_across_restarts(
     devserver: DevServer,
-    api: RunnerApi,
+    api: DevClient,
     workspace: Path,
     state: Path,
     daemons: DaemonProcesses,
@@ -226,7 +226,7 @@ async def test_a_replayed_signature_is_refused_when_asked_across_restarts(
 
 
 async def test_a_damaged_journal_starts_with_one_warning_in_the_log_format(
-    spawn: Spawn, api: RunnerApi, runner_id: str, state: Path
+    spawn: Spawn, api: DevClient, runner_id: str, state: Path
 ) -> None:
     state.mkdir()  # noqa: ASYNC240 - set-up, before any daemon runs
     (state / JOURNAL_FILE).write_bytes(
@@ -300,7 +300,7 @@ async def test_a_full_disk_is_detected_kept_in_memory_and_healed(tmp_path: Path)
 
 @ROOT_ONLY
 async def test_a_full_state_directory_applies_back_pressure_and_loses_nothing(
-    spawn: Spawn, api: RunnerApi, runner_id: str, workspace: Path, state: Path
+    spawn: Spawn, api: DevClient, runner_id: str, workspace: Path, state: Path
 ) -> None:
     with tiny_tmpfs(state, "128k"):
         daemon = spawn(runner_id)
@@ -331,7 +331,7 @@ async def test_a_full_state_directory_applies_back_pressure_and_loses_nothing(
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_a_stop_while_a_result_cannot_be_delivered_keeps_it_for_the_next_start(
-    spawn: Spawn, api: RunnerApi, runner_id: str, workspace: Path, signum: int
+    spawn: Spawn, api: DevClient, runner_id: str, workspace: Path, signum: int
 ) -> None:
     first = spawn(runner_id, shutdown_grace_seconds=0.5)
     await until(lambda: ready(first), 20)
@@ -353,7 +353,7 @@ async def test_a_stop_while_a_result_cannot_be_delivered_keeps_it_for_the_next_s
 
 
 async def test_commands_beyond_what_was_asked_are_answered_without_running(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path
 ) -> None:
     await api.heartbeat(runner_id, ["bridge"])
     loop = bare_loop(make_settings(devserver.url, runner_id, workspace), api)
@@ -371,7 +371,7 @@ async def test_commands_beyond_what_was_asked_are_answered_without_running(
 
 async def test_an_unreachable_opik_at_start_is_one_line_naming_the_url_then_one_on_recovery(
     devserver: DevServer,
-    api: RunnerApi,
+    api: DevClient,
     runner_id: str,
     workspace: Path,
     state: Path,
@@ -395,7 +395,7 @@ async def test_an_unreachable_opik_at_start_is_one_line_naming_the_url_then_one_
     "devserver_config", [DevServerConfig(poll_hold_seconds=60, reaper_interval_seconds=0.2)]
 )
 async def test_an_idle_daemon_stops_without_waiting_out_the_held_poll_and_loses_no_racing_command(
-    spawn: Spawn, api: RunnerApi, runner_id: str
+    spawn: Spawn, api: DevClient, runner_id: str
 ) -> None:
     daemon = spawn(runner_id, shutdown_grace_seconds=60)
     await until(lambda: ready(daemon), 20)
@@ -417,5 +417,5 @@ async def test_an_idle_daemon_stops_without_waiting_out_the_held_poll_and_loses_
     assert any(e["event"] == "runner-daemon stopped" for e in events(daemon))
 
 
-async def _polls_open(api: RunnerApi, runner_id: str) -> bool:
+async def _polls_open(api: DevClient, runner_id: str) -> bool:
     return int((await api.dev_get(f"runners/{runner_id}/stats"))["polls_open"]) > 0

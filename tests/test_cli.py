@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from runner_daemon.core.api import RunnerApi
+from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer
 from runner_daemon.service.cli import main
 from tests.support import (
@@ -194,14 +194,14 @@ def _logged_stopping(proc: subprocess.Popen[str], reason: str) -> bool:
     return False
 
 
-async def _wait_connected(api: RunnerApi, runner_id: str) -> None:
+async def _wait_connected(api: DevClient, runner_id: str) -> None:
     await until(lambda: runner_connected(api, runner_id), 20)
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_sigterm_drains_the_slow_command_and_exits_0(
-    spawn_daemon: object, api: RunnerApi, runner_id: str, tmp_path: Path
+    spawn_daemon: object, api: DevClient, runner_id: str, tmp_path: Path
 ) -> None:
     state = tmp_path / "state"
     proc = spawn_daemon(runner_id, shutdown_grace_seconds=30, state_directory=state)  # type: ignore[operator]
@@ -226,7 +226,7 @@ async def test_sigterm_drains_the_slow_command_and_exits_0(
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_second_signal_exits_at_once(
-    spawn_daemon: object, api: RunnerApi, runner_id: str, tmp_path: Path
+    spawn_daemon: object, api: DevClient, runner_id: str, tmp_path: Path
 ) -> None:
     state = tmp_path / "state"
     proc = spawn_daemon(runner_id, shutdown_grace_seconds=60, state_directory=state)  # type: ignore[operator]
@@ -244,7 +244,7 @@ async def test_second_signal_exits_at_once(
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_disconnected_runner_process_exits_69_with_a_clear_line(
-    spawn_daemon: object, api: RunnerApi, runner_id: str
+    spawn_daemon: object, api: DevClient, runner_id: str
 ) -> None:
     proc = spawn_daemon(runner_id)  # type: ignore[operator]
     await _wait_connected(api, runner_id)

@@ -10,10 +10,9 @@ import ssl
 
 import anyio
 import anyio.abc
-import httpx
 import pytest
 
-from runner_daemon.core.api import RunnerApi, _readable, _Stream, retry_after_seconds, tls_context
+from runner_daemon.core.api import RunnerApi, retry_after_seconds
 from runner_daemon.core.errors import (
     AlreadyReported,
     Conflict,
@@ -26,6 +25,8 @@ from runner_daemon.core.errors import (
     Unauthorized,
 )
 from runner_daemon.core.models import ResultReport
+from runner_daemon.core.transport import Answer, _readable, _Stream, tls_context
+from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer
 
 pytestmark = pytest.mark.anyio
@@ -47,7 +48,7 @@ pytestmark = pytest.mark.anyio
     ],
 )
 async def test_status_codes_map_to_the_error_tree(
-    api: RunnerApi, runner_id: str, status: int, error: type[Exception]
+    api: DevClient, runner_id: str, status: int, error: type[Exception]
 ) -> None:
     await api.dev_post("faults", {"route": "heartbeat", "status": status})
     with pytest.raises(error) as info:
@@ -56,14 +57,14 @@ async def test_status_codes_map_to_the_error_tree(
     assert "injected fault" in str(info.value)
 
 
-async def test_rate_limit_carries_retry_after(api: RunnerApi, runner_id: str) -> None:
+async def test_rate_limit_carries_retry_after(api: DevClient, runner_id: str) -> None:
     await api.dev_post("faults", {"route": "heartbeat", "status": 429, "retry_after": 7})
     with pytest.raises(RateLimited) as info:
         await api.heartbeat(runner_id, ["bridge"])
     assert info.value.retry_after == 7
 
 
-async def test_report_conflict_is_already_reported(api: RunnerApi, runner_id: str) -> None:
+async def test_report_conflict_is_already_reported(api: DevClient, runner_id: str) -> None:
     await api.heartbeat(runner_id, ["bridge"])
     command_id = await api.submit_command(runner_id, "ReadFile", {"path": "x"})
     body = ResultReport(status="completed", result={}).model_dump_json().encode()
@@ -79,8 +80,8 @@ async def test_unreachable_server_is_a_transport_error() -> None:
                 await client.heartbeat("r", ["bridge"])
 
 
-def _response(headers: dict[str, str]) -> httpx.Response:
-    return httpx.Response(429, headers=headers, request=httpx.Request("POST", "http://x/"))
+def _response(headers: dict[str, str]) -> Answer:
+    return Answer("POST", "http://x/", "/", 429, "Too Many Requests", headers, b"")
 
 
 def test_retry_after_forms() -> None:
@@ -93,7 +94,7 @@ def test_retry_after_forms() -> None:
     assert retry_after_seconds(_response({})) == 1
 
 
-async def _wait_for(client: RunnerApi, runner_id: str, command_id: str, seconds: float) -> None:
+async def _wait_for(client: DevClient, runner_id: str, command_id: str, seconds: float) -> None:
     await client.get_command(runner_id, command_id, wait=seconds)
 
 
@@ -101,7 +102,7 @@ async def test_cancelling_requests_under_a_contended_pool_leaks_no_slot(
     devserver: DevServer, runner_id: str
 ) -> None:
     """httpcore #1093: cancellations while waiting for a pooled connection must free it."""
-    async with RunnerApi(devserver.url, max_connections=4, request_timeout=5) as client:
+    async with DevClient(devserver.url, max_connections=4, request_timeout=5) as client:
         await client.heartbeat(runner_id, ["bridge"])
         command_id = await client.submit_command(runner_id, "ReadFile", {"path": "x"})
         rng = random.Random(1093)
@@ -132,11 +133,11 @@ def test_tls_context_verifies_https_and_trusts_nothing_for_plain_http() -> None:
 
 
 async def test_pooled_connections_use_the_stream_with_a_cheap_readability_check(devserver: DevServer) -> None:
-    """The pool in use is the client's own (see client._Stream), should httpx's internals move."""
-    async with RunnerApi(devserver.url) as client:
+    """The pool in use is the client's own (see transport._Stream), should httpx's internals move."""
+    async with DevClient(devserver.url) as client:
         runner_id = await client.dev_create_runner("pool")
         await client.get_runner(runner_id)
-        pool = client._transport._pool
+        pool = client._transport._pool._pool
         (connection,) = pool.connections
         stream = connection._connection._network_stream  # type: ignore[attr-defined]
         assert isinstance(stream, _Stream)
@@ -175,7 +176,7 @@ async def test_requests_carry_host_and_credentials_and_gzip_answers_are_decoded(
     port = listener.extra(anyio.abc.SocketAttribute.local_port)
     async with listener, anyio.create_task_group() as tasks:
         tasks.start_soon(listener.serve, answer)
-        async with RunnerApi(f"http://127.0.0.1:{port}/api", api_key="k-123", workspace="ws") as api:
+        async with DevClient(f"http://127.0.0.1:{port}/api", api_key="k-123", workspace="ws") as api:
             assert await api.dev_get("anything") == json.loads(payload)
         tasks.cancel_scope.cancel()
     request_line, *header_lines = seen[0].decode().split("\r\n")

@@ -12,9 +12,9 @@ import pytest
 from runner_daemon.bridge.handlers.base import HandlerServices
 from runner_daemon.bridge.loop import BridgeLoop
 from runner_daemon.bridge.stats import LoopStats
-from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.errors import Conflict
 from runner_daemon.core.models import ResultReport
+from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer, DevServerConfig
 from runner_daemon.service.daemon import ExitStatus
 from tests.support import (
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_read_file_and_list_files_happy_path(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path
 ) -> None:
     async with running_daemon(make_settings(devserver.url, runner_id, workspace)):
         read = await api.submit_command(runner_id, "ReadFile", {"path": "README.md", "offset": 1})
@@ -72,7 +72,7 @@ async def test_what_start_up_built_is_frozen_out_of_the_collectors_sight(
 
 
 async def test_unknown_type_and_invalid_args_fail_with_codes(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path
 ) -> None:
     async with running_daemon(make_settings(devserver.url, runner_id, workspace)):
         unknown = await api.submit_command(runner_id, "Teleport", {"path": "x"})
@@ -96,7 +96,7 @@ async def test_unknown_type_and_invalid_args_fail_with_codes(
     [DevServerConfig(poll_hold_seconds=1.0, reaper_interval_seconds=0.2, stale_grace_seconds=30)],
 )
 async def test_timeout_really_cancels_the_handler(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path
 ) -> None:
     async with running_daemon(make_settings(devserver.url, runner_id, workspace)):
         command_id = await api.submit_command(
@@ -114,7 +114,7 @@ async def test_timeout_really_cancels_the_handler(
 
 
 async def test_never_more_than_max_concurrency_handlers(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path
 ) -> None:
     probe = GateHandler()
     settings = make_settings(devserver.url, runner_id, workspace, max_concurrency=3)
@@ -131,7 +131,7 @@ async def test_never_more_than_max_concurrency_handlers(
 
 
 async def test_duplicate_report_is_treated_as_done(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path
 ) -> None:
     gated = GateHandler()
     settings = make_settings(devserver.url, runner_id, workspace)
@@ -154,7 +154,7 @@ async def test_duplicate_report_is_treated_as_done(
 
 
 async def test_retries_429_and_5xx_until_stored_exactly_once(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path
 ) -> None:
     for status, count, retry_after in [(503, 2, None), (429, 1, 0.3), (500, 1, None), (502, 1, None)]:
         payload = {"route": "report", "status": status, "count": count, "retry_after": retry_after}
@@ -173,7 +173,7 @@ async def test_retries_429_and_5xx_until_stored_exactly_once(
 
 
 async def test_polling_really_resumes_after_an_outage(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path
 ) -> None:
     async with running_daemon(make_settings(devserver.url, runner_id, workspace)) as running:
         await api.dev_post("faults", {"route": "poll", "status": 503, "count": 6})
@@ -184,7 +184,7 @@ async def test_polling_really_resumes_after_an_outage(
 
 
 async def test_disconnect_mid_run_stops_with_the_documented_status(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path
 ) -> None:
     async with running_daemon(make_settings(devserver.url, runner_id, workspace)) as running:
         await api.disconnect(runner_id)
@@ -204,7 +204,7 @@ async def test_unknown_runner_at_start_exits_disconnected(devserver: DevServer, 
 
 
 async def test_stop_lets_in_flight_commands_finish(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path
 ) -> None:
     async with running_daemon(make_settings(devserver.url, runner_id, workspace)) as running:
         command_id = await api.submit_command(runner_id, "Slow", {"seconds": 0.5, "marker": "done.txt"})
@@ -219,7 +219,7 @@ async def test_stop_lets_in_flight_commands_finish(
 
 
 async def test_grace_expiry_cancels_and_reports_cancelled(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path
 ) -> None:
     settings = make_settings(devserver.url, runner_id, workspace, shutdown_grace_seconds=0.3)
     async with running_daemon(settings) as running:
@@ -235,7 +235,7 @@ async def test_grace_expiry_cancels_and_reports_cancelled(
 
 
 async def test_commands_returned_while_stopping_get_a_final_report(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path
 ) -> None:
     await api.heartbeat(runner_id, ["bridge"])
     loop = bare_loop(make_settings(devserver.url, runner_id, workspace), api)
@@ -252,7 +252,7 @@ async def test_commands_returned_while_stopping_get_a_final_report(
 
 
 async def test_malformed_poll_items_are_answered_or_logged(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path
 ) -> None:
     await api.heartbeat(runner_id, ["bridge"])
     stats = LoopStats()
@@ -278,7 +278,7 @@ async def test_malformed_poll_items_are_answered_or_logged(
 
 
 async def test_the_daemon_survives_every_malformed_poll_answer_of_the_dev_server(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path
 ) -> None:
     """Each kind on the dev server's menu: logged, answered failed where an id is usable, and
     the loop goes on (a good command after each one still completes)."""
@@ -312,7 +312,7 @@ async def test_the_daemon_survives_every_malformed_poll_answer_of_the_dev_server
 
 @pytest.mark.parametrize("devserver_config", [DevServerConfig(poll_hold_seconds=60)])
 async def test_a_poll_open_at_the_stop_may_still_answer_and_its_commands_are_reported(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path
 ) -> None:
     """Opik's server cannot tell that a client hung up on a held poll: the daemon keeps the
     poll open until Opik confirmed it takes no more bridge commands (or the grace period
@@ -337,7 +337,7 @@ async def test_a_poll_open_at_the_stop_may_still_answer_and_its_commands_are_rep
 
 
 async def test_a_stop_during_the_poll_back_off_is_not_delayed_by_it(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path
 ) -> None:
     """Only an open poll is waited for at a stop; a back-off between polls ends at once."""
     settings = make_settings(

@@ -23,6 +23,7 @@ from runner_daemon.core.errors import (
     RunnerGone,
 )
 from runner_daemon.core.models import PairingActivation, PairingSessionRequest, ResultReport
+from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer, DevServerConfig
 from runner_daemon.service.pairing import activation_hmac
 from tests.support import command_status_is, until
@@ -30,7 +31,7 @@ from tests.support import command_status_is, until
 pytestmark = pytest.mark.anyio
 
 
-async def polls_open(api: RunnerApi, runner_id: str, count: int) -> bool:
+async def polls_open(api: DevClient, runner_id: str, count: int) -> bool:
     """Whether the server is handling ``count`` polls of the runner right now."""
     return bool((await api.dev_get(f"runners/{runner_id}/stats"))["polls_open"] == count)
 
@@ -49,7 +50,7 @@ async def test_routes_answer_with_and_without_the_api_prefix(devserver: DevServe
 
 
 async def test_submit_needs_an_alive_runner_with_the_bridge_capability(
-    api: RunnerApi, runner_id: str
+    api: DevClient, runner_id: str
 ) -> None:
     with pytest.raises(RunnerGone):
         await api.submit_command(runner_id, "ReadFile", {"path": "a"})  # never heartbeated
@@ -60,7 +61,7 @@ async def test_submit_needs_an_alive_runner_with_the_bridge_capability(
     assert await api.submit_command(runner_id, "ReadFile", {"path": "a"})
 
 
-async def test_submit_limits(devserver: DevServer, api: RunnerApi, runner_id: str) -> None:
+async def test_submit_limits(devserver: DevServer, api: DevClient, runner_id: str) -> None:
     await api.heartbeat(runner_id, ["bridge"])
     with pytest.raises(RequestRejected):
         await api.submit_command(runner_id, "WriteFile", {"content": "x" * 1_048_577})
@@ -77,7 +78,7 @@ async def test_submit_limits(devserver: DevServer, api: RunnerApi, runner_id: st
 
 
 async def test_long_poll_holds_then_answers_empty(
-    devserver: DevServer, api: RunnerApi, runner_id: str
+    devserver: DevServer, api: DevClient, runner_id: str
 ) -> None:
     await api.heartbeat(runner_id, ["bridge"])
     started = time.monotonic()
@@ -86,7 +87,7 @@ async def test_long_poll_holds_then_answers_empty(
 
 
 @pytest.mark.parametrize("devserver_config", [DevServerConfig(poll_hold_seconds=60)])
-async def test_long_poll_returns_as_soon_as_a_command_arrives(api: RunnerApi, runner_id: str) -> None:
+async def test_long_poll_returns_as_soon_as_a_command_arrives(api: DevClient, runner_id: str) -> None:
     await api.heartbeat(runner_id, ["bridge"])
     items: list[object] = []
 
@@ -111,7 +112,7 @@ async def test_long_poll_returns_as_soon_as_a_command_arrives(api: RunnerApi, ru
     assert (await api.get_command(runner_id, command_id)).status == "picked_up"
 
 
-async def test_poll_honours_max_commands_and_never_hands_out_twice(api: RunnerApi, runner_id: str) -> None:
+async def test_poll_honours_max_commands_and_never_hands_out_twice(api: DevClient, runner_id: str) -> None:
     await api.heartbeat(runner_id, ["bridge"])
     ids = {await api.submit_command(runner_id, "ReadFile", {"path": "a"}) for _ in range(5)}
     first = await api.poll(runner_id, 3)
@@ -120,7 +121,7 @@ async def test_poll_honours_max_commands_and_never_hands_out_twice(api: RunnerAp
     assert {item["command_id"] for item in first + second} == ids
 
 
-async def test_report_rules(api: RunnerApi, runner_id: str) -> None:
+async def test_report_rules(api: DevClient, runner_id: str) -> None:
     await api.heartbeat(runner_id, ["bridge"])
     command_id = await api.submit_command(runner_id, "ReadFile", {"path": "a"})
     for bad in (b'{"status": "done", "result": {}}', b'{"status": "completed"}', b"[1]", b"{not json"):
@@ -139,7 +140,7 @@ async def test_report_rules(api: RunnerApi, runner_id: str) -> None:
     )
 
 
-async def test_unreported_commands_time_out_and_late_reports_are_409(api: RunnerApi, runner_id: str) -> None:
+async def test_unreported_commands_time_out_and_late_reports_are_409(api: DevClient, runner_id: str) -> None:
     await api.heartbeat(runner_id, ["bridge"])
     command_id = await api.submit_command(runner_id, "ReadFile", {"path": "a"}, timeout_seconds=1)
     assert len(await api.poll(runner_id, 1)) == 1
@@ -149,7 +150,7 @@ async def test_unreported_commands_time_out_and_late_reports_are_409(api: Runner
         await api.report(runner_id, command_id, COMPLETED)
 
 
-async def test_get_with_wait_returns_when_terminal(api: RunnerApi, runner_id: str) -> None:
+async def test_get_with_wait_returns_when_terminal(api: DevClient, runner_id: str) -> None:
     await api.heartbeat(runner_id, ["bridge"])
     command_id = await api.submit_command(runner_id, "ReadFile", {"path": "a"})
     async with anyio.create_task_group() as tg:
@@ -163,7 +164,7 @@ async def test_get_with_wait_returns_when_terminal(api: RunnerApi, runner_id: st
     assert record.status == "completed"
 
 
-async def test_disconnect_fails_open_commands_then_404_and_410(api: RunnerApi, runner_id: str) -> None:
+async def test_disconnect_fails_open_commands_then_404_and_410(api: DevClient, runner_id: str) -> None:
     await api.heartbeat(runner_id, ["bridge"])
     command_id = await api.submit_command(runner_id, "ReadFile", {"path": "a"})
     await api.disconnect(runner_id)
@@ -189,7 +190,7 @@ class FakeClock:
 async def test_heartbeat_revives_a_runner_whose_ttl_lapsed() -> None:
     clock = FakeClock()
     with DevServer(config=DevServerConfig(heartbeat_ttl_seconds=15), clock=clock) as server:
-        async with RunnerApi(server.url) as client:
+        async with DevClient(server.url) as client:
             runner_id = await client.dev_create_runner()
             await client.heartbeat(runner_id, ["bridge"])
             assert (await client.get_runner(runner_id)).status == "connected"
@@ -202,7 +203,7 @@ async def test_heartbeat_revives_a_runner_whose_ttl_lapsed() -> None:
 
 
 @pytest.mark.parametrize("devserver_config", [DevServerConfig(poll_hold_seconds=60)])
-async def test_a_poll_whose_client_hung_up_picks_nothing_up(api: RunnerApi, runner_id: str) -> None:
+async def test_a_poll_whose_client_hung_up_picks_nothing_up(api: DevClient, runner_id: str) -> None:
     await api.heartbeat(runner_id, ["bridge"])
     async with anyio.create_task_group() as tg:
         tg.start_soon(api.poll, runner_id, 5)
@@ -233,7 +234,7 @@ async def heartbeat_status(devserver: DevServer, runner_id: str, workspace: str 
 
 
 async def test_a_heartbeat_for_a_runner_the_caller_does_not_own_is_410_never_404(
-    devserver: DevServer, api: RunnerApi
+    devserver: DevServer, api: DevClient
 ) -> None:
     assert await heartbeat_status(devserver, str(uuid.uuid4())) == 410  # never existed
     deleted, evicted, theirs = [await api.dev_create_runner() for _ in range(3)]
@@ -249,7 +250,7 @@ async def test_a_heartbeat_for_a_runner_the_caller_does_not_own_is_410_never_404
     assert await heartbeat_status(devserver, session.runner_id) == 410  # not approved yet
     # Another workspace's runner: 410 to its heartbeats, 404 elsewhere, and its DELETE is a no-op.
     assert await heartbeat_status(devserver, theirs, workspace="other-team") == 410
-    async with RunnerApi(devserver.url, workspace="other-team") as other:
+    async with DevClient(devserver.url, workspace="other-team") as other:
         with pytest.raises(RunnerGone) as info:
             await other.get_runner(theirs)
         assert info.value.status == 404
@@ -267,7 +268,7 @@ async def test_a_heartbeat_for_a_runner_the_caller_does_not_own_is_410_never_404
     ids=["none", "{}", "null", "[]"],
 )
 async def test_a_heartbeat_without_capabilities_keeps_the_stored_ones(
-    devserver: DevServer, api: RunnerApi, runner_id: str, content: bytes
+    devserver: DevServer, api: DevClient, runner_id: str, content: bytes
 ) -> None:
     url = f"v1/private/local-runners/{runner_id}/heartbeats"
     async with httpx.AsyncClient(base_url=devserver.url) as raw:
@@ -284,7 +285,7 @@ async def test_a_heartbeat_without_capabilities_keeps_the_stored_ones(
         await api.submit_command(runner_id, "ReadFile", {"path": "a"})
 
 
-async def _paired(api: RunnerApi, project_id: str, kind: str = "connect") -> str:
+async def _paired(api: DevClient, project_id: str, kind: str = "connect") -> str:
     """A runner paired and approved as the browser does; its id."""
     key = secrets.token_bytes(32)
     request = PairingSessionRequest(project_id=project_id, activation_key=base64.b64encode(key).decode())
@@ -295,7 +296,7 @@ async def _paired(api: RunnerApi, project_id: str, kind: str = "connect") -> str
 
 
 async def test_activating_a_newer_pairing_evicts_the_older_runner_of_its_type_and_project(
-    devserver: DevServer, api: RunnerApi
+    devserver: DevServer, api: DevClient
 ) -> None:
     project = str(uuid.uuid4())
     older = await _paired(api, project)
@@ -316,7 +317,7 @@ async def test_activating_a_newer_pairing_evicts_the_older_runner_of_its_type_an
 
 
 async def test_pairing_activation_answers_201_with_the_runner_location(
-    devserver: DevServer, api: RunnerApi
+    devserver: DevServer, api: DevClient
 ) -> None:
     key = secrets.token_bytes(32)
     session = await api.create_pairing_session(
@@ -338,7 +339,7 @@ async def post_gzip(raw: httpx.AsyncClient, url: str, body: object) -> httpx.Res
 
 
 async def test_gzip_request_bodies_are_accepted_as_opik_does(
-    devserver: DevServer, api: RunnerApi, runner_id: str
+    devserver: DevServer, api: DevClient, runner_id: str
 ) -> None:
     """Opik's own client gzips every JSON body of 256 bytes or more."""
     base = f"v1/private/local-runners/{runner_id}"
@@ -364,7 +365,7 @@ def _zeros_gzip(mebibytes: int) -> bytes:
 
 @pytest.mark.adversarial
 async def test_a_gzip_bomb_is_refused_at_the_payload_cap_and_bad_gzip_is_400(
-    devserver: DevServer, api: RunnerApi, runner_id: str
+    devserver: DevServer, api: DevClient, runner_id: str
 ) -> None:
     await api.heartbeat(runner_id, ["bridge"])
     url = f"v1/private/local-runners/{runner_id}/bridge/commands"

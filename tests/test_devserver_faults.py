@@ -15,7 +15,6 @@ import anyio
 import httpx
 import pytest
 
-from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.errors import (
     AlreadyReported,
     ApiError,
@@ -25,6 +24,7 @@ from runner_daemon.core.errors import (
     TransportError,
 )
 from runner_daemon.core.models import ResultReport
+from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer, DevServerConfig
 from tests.support import REPO, command_status_is, environ_without_settings, until
 
@@ -33,13 +33,13 @@ pytestmark = pytest.mark.anyio
 COMPLETED = ResultReport(status="completed", result={"ok": True}).model_dump_json().encode()
 
 
-async def set_profile(api: RunnerApi, **profile: Any) -> dict[str, Any]:
+async def set_profile(api: DevClient, **profile: Any) -> dict[str, Any]:
     view = await api.dev_post("faults/profile", profile)
     assert isinstance(view, dict)
     return view
 
 
-async def fault_counters(api: RunnerApi) -> dict[str, Any]:
+async def fault_counters(api: DevClient) -> dict[str, Any]:
     view = await api.dev_get("faults")
     assert isinstance(view, dict)
     counters = view["counters"]
@@ -47,14 +47,14 @@ async def fault_counters(api: RunnerApi) -> dict[str, Any]:
     return counters
 
 
-async def picked_up_command(api: RunnerApi, runner_id: str, timeout: int = 60) -> str:
+async def picked_up_command(api: DevClient, runner_id: str, timeout: int = 60) -> str:
     await api.heartbeat(runner_id, ["bridge"])
     command_id = await api.submit_command(runner_id, "ReadFile", {"path": "a"}, timeout_seconds=timeout)
     assert [item["command_id"] for item in await api.poll(runner_id, 1)] == [command_id]
     return command_id
 
 
-async def listed(api: RunnerApi, runner_id: str) -> dict[str, dict[str, Any]]:
+async def listed(api: DevClient, runner_id: str) -> dict[str, dict[str, Any]]:
     commands = await api.dev_get(f"runners/{runner_id}/commands")
     assert isinstance(commands, list)
     return {command["command_id"]: command for command in commands}
@@ -77,7 +77,7 @@ def raw_request(port: int, path: str, body: bytes = b"{}") -> tuple[str, bytes]:
 # --- the profile and its control routes ------------------------------------------------------
 
 
-async def test_no_profile_by_default_and_profile_round_trips(api: RunnerApi, runner_id: str) -> None:
+async def test_no_profile_by_default_and_profile_round_trips(api: DevClient, runner_id: str) -> None:
     view = await api.dev_get("faults")
     assert view["profile"] is None and view["queued"] == []
     assert not any(v for k, v in view["counters"].items() if k != "errors_by_status")
@@ -100,13 +100,13 @@ async def test_no_profile_by_default_and_profile_round_trips(api: RunnerApi, run
         {"blackout_seconds": 1, "blackout_until": 2e9},
     ],
 )
-async def test_bad_profiles_are_400(api: RunnerApi, profile: dict[str, Any]) -> None:
+async def test_bad_profiles_are_400(api: DevClient, profile: dict[str, Any]) -> None:
     with pytest.raises(RequestRejected):
         await api.dev_post("faults/profile", profile)
     assert (await api.dev_get("faults"))["profile"] is None
 
 
-async def test_faults_only_on_the_profiled_routes(api: RunnerApi, runner_id: str) -> None:
+async def test_faults_only_on_the_profiled_routes(api: DevClient, runner_id: str) -> None:
     await set_profile(api, error_rate=1.0)  # default routes: heartbeat, poll, report
     with pytest.raises(ServerError):
         await api.heartbeat(runner_id, ["bridge"])
@@ -120,7 +120,7 @@ async def test_faults_only_on_the_profiled_routes(api: RunnerApi, runner_id: str
 # --- each kind of fault, as a client sees it -------------------------------------------------
 
 
-async def test_errors_are_500_502_or_503(api: RunnerApi, runner_id: str) -> None:
+async def test_errors_are_500_502_or_503(api: DevClient, runner_id: str) -> None:
     await set_profile(api, error_rate=1.0, seed=1, routes=["heartbeat"])
     statuses = []
     for _ in range(30):
@@ -135,7 +135,7 @@ async def test_errors_are_500_502_or_503(api: RunnerApi, runner_id: str) -> None
     }
 
 
-async def test_error_rate_with_a_seed_gives_the_fraction_reproducibly(api: RunnerApi, runner_id: str) -> None:
+async def test_error_rate_with_a_seed_gives_the_fraction_reproducibly(api: DevClient, runner_id: str) -> None:
     async def outcomes() -> list[int]:
         seen = []
         for _ in range(200):
@@ -158,7 +158,7 @@ async def test_error_rate_with_a_seed_gives_the_fraction_reproducibly(api: Runne
     assert await outcomes() != first
 
 
-async def test_429_carries_retry_after(api: RunnerApi, runner_id: str) -> None:
+async def test_429_carries_retry_after(api: DevClient, runner_id: str) -> None:
     await set_profile(api, rate_limit_rate=1.0, retry_after=2.5, routes=["heartbeat", "poll"])
     with pytest.raises(RateLimited) as info:
         await api.heartbeat(runner_id, ["bridge"])
@@ -168,7 +168,7 @@ async def test_429_carries_retry_after(api: RunnerApi, runner_id: str) -> None:
     assert (await fault_counters(api))["rate_limit"] == 2
 
 
-async def test_latency_is_added_before_handling(api: RunnerApi, runner_id: str) -> None:
+async def test_latency_is_added_before_handling(api: DevClient, runner_id: str) -> None:
     await api.heartbeat(runner_id, ["bridge"])
     await set_profile(api, latency_ms=300, routes=["heartbeat", "poll"])
     started = time.monotonic()
@@ -182,7 +182,7 @@ async def test_latency_is_added_before_handling(api: RunnerApi, runner_id: str) 
     assert (await fault_counters(api))["latency"] == 2
 
 
-async def test_a_reset_is_a_real_tcp_reset(devserver: DevServer, api: RunnerApi, runner_id: str) -> None:
+async def test_a_reset_is_a_real_tcp_reset(devserver: DevServer, api: DevClient, runner_id: str) -> None:
     path = f"/api/v1/private/local-runners/{runner_id}/heartbeats"
     await set_profile(api, reset_rate=1.0, routes=["heartbeat"])
     assert await anyio.to_thread.run_sync(raw_request, devserver.port, path) == ("reset", b"")
@@ -195,7 +195,7 @@ async def test_a_reset_is_a_real_tcp_reset(devserver: DevServer, api: RunnerApi,
     assert stats["heartbeats"] == 1  # only the after-processing one was handled
 
 
-async def test_reset_before_processing_stores_nothing(api: RunnerApi, runner_id: str) -> None:
+async def test_reset_before_processing_stores_nothing(api: DevClient, runner_id: str) -> None:
     command_id = await picked_up_command(api, runner_id)
     await set_profile(api, reset_rate=1.0, routes=["report"])
     with pytest.raises(TransportError):
@@ -209,7 +209,7 @@ async def test_reset_before_processing_stores_nothing(api: RunnerApi, runner_id:
 
 
 async def test_reset_after_processing_stores_the_result_and_the_retry_is_409(
-    api: RunnerApi, runner_id: str
+    api: DevClient, runner_id: str
 ) -> None:
     command_id = await picked_up_command(api, runner_id)
     await set_profile(api, reset_after_processing_rate=1.0, routes=["report"])
@@ -229,7 +229,7 @@ async def test_reset_after_processing_stores_the_result_and_the_retry_is_409(
     assert (await fault_counters(api))["reset_after_processing"] == 2
 
 
-async def test_poll_resets_before_and_after_the_pick_up(api: RunnerApi, runner_id: str) -> None:
+async def test_poll_resets_before_and_after_the_pick_up(api: DevClient, runner_id: str) -> None:
     await api.heartbeat(runner_id, ["bridge"])
     command_id = await api.submit_command(runner_id, "ReadFile", {"path": "a"})
     await set_profile(api, reset_rate=1.0, routes=["poll"])
@@ -243,7 +243,7 @@ async def test_poll_resets_before_and_after_the_pick_up(api: RunnerApi, runner_i
     assert (await api.get_command(runner_id, command_id)).status == "picked_up"
 
 
-async def test_after_processing_resets_can_be_limited_to_some_routes(api: RunnerApi, runner_id: str) -> None:
+async def test_after_processing_resets_can_be_limited_to_some_routes(api: DevClient, runner_id: str) -> None:
     await set_profile(
         api,
         reset_after_processing_rate=1.0,
@@ -258,7 +258,7 @@ async def test_after_processing_resets_can_be_limited_to_some_routes(api: Runner
         await api.report(runner_id, command_id, COMPLETED)
 
 
-async def test_blackout_fails_everything_but_dev_routes_then_recovers(api: RunnerApi, runner_id: str) -> None:
+async def test_blackout_fails_everything_but_dev_routes_then_recovers(api: DevClient, runner_id: str) -> None:
     await api.heartbeat(runner_id, ["bridge"])
     command_id = await api.submit_command(runner_id, "ReadFile", {"path": "a"})
     view = await set_profile(api, blackout_seconds=1.0)
@@ -287,7 +287,7 @@ async def test_blackout_fails_everything_but_dev_routes_then_recovers(api: Runne
     assert (await api.get_command(runner_id, command_id)).status == "pending"  # nothing happened
 
 
-async def test_blackout_can_answer_503(api: RunnerApi, runner_id: str) -> None:
+async def test_blackout_can_answer_503(api: DevClient, runner_id: str) -> None:
     await set_profile(api, blackout_seconds=30, blackout_mode="503")
     with pytest.raises(ServerError) as info:
         await api.get_runner(runner_id)
@@ -296,7 +296,7 @@ async def test_blackout_can_answer_503(api: RunnerApi, runner_id: str) -> None:
     await api.get_runner(runner_id)
 
 
-async def test_clear_can_zero_the_counters(api: RunnerApi, runner_id: str) -> None:
+async def test_clear_can_zero_the_counters(api: DevClient, runner_id: str) -> None:
     await set_profile(api, error_rate=1.0, routes=["heartbeat"])
     with pytest.raises(ServerError):
         await api.heartbeat(runner_id, ["bridge"])
@@ -306,7 +306,7 @@ async def test_clear_can_zero_the_counters(api: RunnerApi, runner_id: str) -> No
     assert (await fault_counters(api))["error"] == 0
 
 
-async def test_the_queue_of_single_faults_still_wins(api: RunnerApi, runner_id: str) -> None:
+async def test_the_queue_of_single_faults_still_wins(api: DevClient, runner_id: str) -> None:
     await set_profile(api, error_rate=0.0, routes=["heartbeat"])
     await api.dev_post("faults", {"route": "heartbeat", "status": 429, "retry_after": 3})
     with pytest.raises(RateLimited) as info:
@@ -316,7 +316,7 @@ async def test_the_queue_of_single_faults_still_wins(api: RunnerApi, runner_id: 
     assert (await fault_counters(api))["queued"] == 1
 
 
-async def test_commands_listing(api: RunnerApi, runner_id: str) -> None:
+async def test_commands_listing(api: DevClient, runner_id: str) -> None:
     await api.heartbeat(runner_id, ["bridge"])
     first = await api.submit_command(runner_id, "ReadFile", {"path": "a"})
     second = await api.submit_command(runner_id, "ReadFile", {"path": "b"})
@@ -343,7 +343,7 @@ async def test_restart_keeps_runners_commands_and_results(tmp_path: Path) -> Non
     server = DevServer(config=RESTART_CONFIG, state_file=state_file).start()
     port = server.port
     try:
-        async with RunnerApi(server.url, request_timeout=5, poll_timeout=40) as api:
+        async with DevClient(server.url, request_timeout=5, poll_timeout=40) as api:
             runner_id = await api.dev_create_runner("kept", bridge_key=b"k" * 32)
             await api.heartbeat(runner_id, ["bridge"])
             quick = await api.submit_command(runner_id, "ReadFile", {"path": "q"}, timeout_seconds=1)
@@ -438,7 +438,7 @@ async def test_cli_flags_and_state_file(tmp_path: Path) -> None:
             lines.append(line)
         runner_id = lines[0].split()[-1]
         url = lines[-1].split()[-1]
-        async with RunnerApi(url) as api:
+        async with DevClient(url) as api:
             with pytest.raises(ServerError):
                 await api.heartbeat(runner_id, ["bridge"])
             view = await api.dev_get("faults")
@@ -462,7 +462,7 @@ async def test_bad_fault_flags_are_a_usage_error() -> None:
 
 
 async def test_raw_httpx_sees_a_reset_as_a_read_error(
-    devserver: DevServer, api: RunnerApi, runner_id: str
+    devserver: DevServer, api: DevClient, runner_id: str
 ) -> None:
     await set_profile(api, reset_rate=1.0, routes=["runner"])
     async with httpx.AsyncClient(base_url=devserver.url) as raw:

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.models import PairingActivation, PairingSessionRequest
+from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer
 from runner_daemon.service.pairing import activation_hmac
 from tests.support import DaemonProcesses, daemon_environment, finish, until
@@ -21,7 +21,7 @@ from tests.support import DaemonProcesses, daemon_environment, finish, until
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 
 
-async def paired(api: RunnerApi, project_id: str) -> str:
+async def paired(api: DevClient, project_id: str) -> str:
     """A connect runner paired and approved as the browser does; its id."""
     key = secrets.token_bytes(32)
     session = await api.create_pairing_session(
@@ -32,7 +32,7 @@ async def paired(api: RunnerApi, project_id: str) -> str:
     return session.runner_id
 
 
-async def has_beaten(api: RunnerApi, runner_id: str) -> bool:
+async def has_beaten(api: DevClient, runner_id: str) -> bool:
     """Whether the runner's daemon is up: its first heartbeat reached the server."""
     return bool((await api.dev_get(f"runners/{runner_id}/stats"))["heartbeats"] > 0)
 
@@ -50,7 +50,7 @@ async def exits_69_saying_pair_again(proc: subprocess.Popen[str], *statuses: str
 
 
 async def test_a_410_on_the_first_heartbeat_exits_69(
-    devserver: DevServer, api: RunnerApi, workspace: Path, daemons: DaemonProcesses
+    devserver: DevServer, api: DevClient, workspace: Path, daemons: DaemonProcesses
 ) -> None:
     """An id that never existed, and a live runner of another workspace: Opik answers 410 to both."""
     unknown = daemons.spawn(daemon_environment(devserver.url, str(uuid.uuid4()), workspace))
@@ -64,7 +64,7 @@ async def test_a_410_on_the_first_heartbeat_exits_69(
 
 
 async def test_a_newer_pairing_for_the_project_stops_the_running_daemon_with_69(
-    devserver: DevServer, api: RunnerApi, workspace: Path, daemons: DaemonProcesses
+    devserver: DevServer, api: DevClient, workspace: Path, daemons: DaemonProcesses
 ) -> None:
     project = str(uuid.uuid4())
     older = await paired(api, project)

@@ -16,7 +16,8 @@ import anyio
 import pytest
 
 from runner_daemon.bridge.handlers.base import Args, Handler, HandlerContext
-from runner_daemon.core.api import RunnerApi, probe
+from runner_daemon.core.transport import probe
+from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer
 from runner_daemon.service.daemon import ExitStatus
 from runner_daemon.service.notify import Notifier
@@ -121,7 +122,7 @@ class WedgeHandler(Handler[WedgeArgs]):
 
 @pytest.mark.anyio
 async def test_ready_after_first_contact_then_watchdog_pings_and_silence_when_wedged(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, notify_socket: tuple[str, Listener]
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path, notify_socket: tuple[str, Listener]
 ) -> None:
     path, listener = notify_socket
     notifier = Notifier(path, watchdog_usec=200_000)  # a ping every 0.1 s
@@ -174,7 +175,7 @@ async def _get(port: int, path: str) -> int | None:
 
 @pytest.mark.anyio
 async def test_health_endpoints_through_the_daemons_life(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path
 ) -> None:
     settings = make_settings(
         devserver.url, runner_id, workspace, health={"listen": "127.0.0.1:0"}, shutdown_grace_seconds=30
@@ -238,7 +239,7 @@ async def _metrics(port: int) -> str:
 
 @pytest.mark.anyio
 async def test_health_after_disconnect(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path
 ) -> None:
     settings = make_settings(devserver.url, runner_id, workspace, health={"listen": "127.0.0.1:0"})
     async with running_daemon(settings) as running:
@@ -287,7 +288,7 @@ def _statuses(listener: Listener) -> list[str]:
 
 @pytest.mark.anyio
 async def test_status_says_what_is_true_now(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, notify_socket: tuple[str, Listener]
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path, notify_socket: tuple[str, Listener]
 ) -> None:
     """An error leaves STATUS= once Opik answers again; a stop is not overwritten while draining."""
     path, listener = notify_socket
@@ -316,7 +317,7 @@ async def test_status_says_what_is_true_now(
 
 @pytest.mark.anyio
 async def test_an_outage_shows_in_status_and_metrics_not_as_a_silent_watchdog(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, notify_socket: tuple[str, Listener]
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path, notify_socket: tuple[str, Listener]
 ) -> None:
     """A restart cannot fix an unreachable Opik: the watchdog keeps being pinged through it."""
     path, listener = notify_socket

@@ -16,9 +16,9 @@ import anyio
 import pytest
 
 from runner_daemon.core import outbox as outbox_module
-from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.errors import ConfigError
 from runner_daemon.core.outbox import JOURNAL_FILE, Outbox, OwedResult, Recovered, StartedCommand
+from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer
 from tests.support import (
     DaemonProcesses,
@@ -254,7 +254,7 @@ async def _stop(proc: subprocess.Popen[str]) -> str:
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_sigkill_mid_command_is_reported_interrupted_after_restart(
     daemon_process: Callable[[str], subprocess.Popen[str]],
-    api: RunnerApi,
+    api: DevClient,
     runner_id: str,
     workspace: Path,
     tmp_path: Path,
@@ -283,7 +283,7 @@ async def test_sigkill_mid_command_is_reported_interrupted_after_restart(
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_an_undelivered_result_survives_a_crash(
-    daemon_process: Callable[[str], subprocess.Popen[str]], api: RunnerApi, runner_id: str, workspace: Path
+    daemon_process: Callable[[str], subprocess.Popen[str]], api: DevClient, runner_id: str, workspace: Path
 ) -> None:
     first = daemon_process(runner_id)
     await until(lambda: _bridge(api, runner_id), 20)
@@ -306,7 +306,7 @@ async def test_an_undelivered_result_survives_a_crash(
 
 @pytest.mark.anyio
 async def test_a_404_on_re_send_is_dropped_not_fatal(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, tmp_path: Path
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path, tmp_path: Path
 ) -> None:
     outbox = Outbox.open(tmp_path / "state")
     await outbox.result(OwedResult(runner_id, "0d7c8e3a-0000-4000-8000-000000000001", "ReadFile", BODY, 1e12))
@@ -326,10 +326,10 @@ async def test_a_404_on_re_send_is_dropped_not_fatal(
     assert daemon.fatal_error is None
 
 
-async def _report_attempts(api: RunnerApi, runner_id: str, command_id: str) -> int:
+async def _report_attempts(api: DevClient, runner_id: str, command_id: str) -> int:
     records = await api.dev_get(f"runners/{runner_id}/commands")
     return int(next(r for r in records if r["command_id"] == command_id)["report_attempts"])
 
 
-async def _bridge(api: RunnerApi, runner_id: str) -> bool:
+async def _bridge(api: DevClient, runner_id: str) -> bool:
     return (await api.get_runner(runner_id)).capabilities == ["bridge"]

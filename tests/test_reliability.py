@@ -24,8 +24,8 @@ from typing import Any
 import anyio
 import pytest
 
-from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.errors import ApiError
+from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer, DevServerConfig
 from tests.support import DaemonProcesses, daemon_environment, finish, output, started_in_journal, until
 
@@ -74,7 +74,7 @@ def table() -> str:
 @dataclass
 class Harness:
     server: DevServer
-    api: RunnerApi
+    api: DevClient
     runner_id: str
     workspace: Path
     state: Path
@@ -145,7 +145,7 @@ async def harness(tmp_path: Path, daemons: DaemonProcesses, port: int = 0) -> As
     workspace.mkdir(exist_ok=True)
     server = DevServer(port=port, config=SUITE_SERVER, state_file=tmp_path / "server-state.json").start()
     try:
-        async with RunnerApi(server.url, request_timeout=10) as api:
+        async with DevClient(server.url, request_timeout=10) as api:
             runner_id = await api.dev_create_runner("reliability")
             yield Harness(server, api, runner_id, workspace, tmp_path / "state", daemons)
     finally:

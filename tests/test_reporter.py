@@ -15,6 +15,7 @@ from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.errors import RunnerGone, Unauthorized
 from runner_daemon.core.outbox import Outbox, StartedCommand
 from runner_daemon.core.settings import Settings
+from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer
 from tests.support import make_settings
 
@@ -30,7 +31,7 @@ async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
     await box.close()
 
 
-async def _picked_up(api: RunnerApi, runner_id: str) -> str:
+async def _picked_up(api: DevClient, runner_id: str) -> str:
     """A command the runner holds as picked up, as the loop would after a poll."""
     await api.heartbeat(runner_id, ["bridge"])
     command_id = await api.submit_command(runner_id, "ReadFile", {"path": "README.md"})
@@ -43,7 +44,7 @@ def _reporter(settings: Settings, api: RunnerApi, stats: LoopStats, outbox: Outb
 
 
 async def test_a_result_is_journalled_delivered_and_counted(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, outbox: Outbox
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path, outbox: Outbox
 ) -> None:
     command_id = await _picked_up(api, runner_id)
     stats = LoopStats()
@@ -57,7 +58,7 @@ async def test_a_result_is_journalled_delivered_and_counted(
 
 
 async def test_a_409_is_success_never_an_error(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, outbox: Outbox
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path, outbox: Outbox
 ) -> None:
     command_id = await _picked_up(api, runner_id)
     stats = LoopStats()
@@ -70,7 +71,7 @@ async def test_a_409_is_success_never_an_error(
 
 
 async def test_a_404_ends_a_live_report_but_only_drops_one_owed_from_before(
-    devserver: DevServer, api: RunnerApi, workspace: Path, outbox: Outbox
+    devserver: DevServer, api: DevClient, workspace: Path, outbox: Outbox
 ) -> None:
     gone = str(uuid.uuid4())  # a runner the server does not know
     stats = LoopStats()
@@ -85,7 +86,7 @@ async def test_a_404_ends_a_live_report_but_only_drops_one_owed_from_before(
 
 
 async def test_refused_credentials_raise_and_keep_the_result_owed(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, outbox: Outbox
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path, outbox: Outbox
 ) -> None:
     command_id = await _picked_up(api, runner_id)
     await api.dev_post("faults", {"route": "report", "status": 401, "count": 1})
@@ -98,7 +99,7 @@ async def test_refused_credentials_raise_and_keep_the_result_owed(
 
 
 async def test_owed_from_before_reports_interrupted_commands_and_keeps_owed_results(
-    devserver: DevServer, api: RunnerApi, runner_id: str, workspace: Path, tmp_path: Path
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path, tmp_path: Path
 ) -> None:
     settings = make_settings(devserver.url, runner_id, workspace, state_directory=tmp_path / "state")
     first = Outbox.open(settings.state_directory)

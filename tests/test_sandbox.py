@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.errors import ConfigError
 from runner_daemon.core.settings import load_settings
+from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer
 from runner_daemon.system.sandbox import SandboxPolicy, SandboxSupport, build_policy
 from tests.support import DaemonProcesses, daemon_environment, finish, runner_connected, until, wait_terminal
@@ -194,7 +194,7 @@ WORKS = {
 async def test_a_real_daemon_confines_what_exec_runs(
     place: dict[str, Path],
     devserver: DevServer,
-    api: RunnerApi,
+    api: DevClient,
     runner_id: str,
     daemons: DaemonProcesses,
     sandbox: str,

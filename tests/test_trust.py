@@ -19,9 +19,9 @@ import anyio
 import pytest
 
 from runner_daemon.bridge.signing import HMAC_FIELD, derive_bridge_key, sign, sign_result, verify_command
-from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.errors import ConfigError
 from runner_daemon.core.settings import load_settings
+from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer
 from runner_daemon.service import cli, pairing
 from runner_daemon.service.credentials import CREDENTIALS_FILE, Credentials, load, resolve, store
@@ -41,7 +41,7 @@ from tests.support import (
 REPO = Path(__file__).resolve().parent.parent
 
 
-async def bridge_ready(api: RunnerApi, runner_id: str) -> bool:
+async def bridge_ready(api: DevClient, runner_id: str) -> bool:
     """The daemon's heartbeat declared the bridge capability (pairing alone does not)."""
     return (await api.get_runner(runner_id)).capabilities == ["bridge"]
 
@@ -125,7 +125,7 @@ def test_run_loads_stored_credentials_and_flags_override(tmp_path: Path) -> None
 
 @pytest.mark.anyio
 async def test_signed_commands_run_and_forgeries_are_refused(
-    devserver: DevServer, api: RunnerApi, workspace: Path
+    devserver: DevServer, api: DevClient, workspace: Path
 ) -> None:
     key_a, key_b = secrets.token_bytes(32), secrets.token_bytes(32)
     runner_a = await api.dev_create_runner("a", bridge_key=key_a)
@@ -188,7 +188,7 @@ async def test_signed_commands_run_and_forgeries_are_refused(
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_pairing_end_to_end_then_run(
-    devserver: DevServer, api: RunnerApi, workspace: Path, tmp_path: Path
+    devserver: DevServer, api: DevClient, workspace: Path, tmp_path: Path
 ) -> None:
     state = tmp_path / "state"
     env = environ_without_settings()
@@ -268,7 +268,7 @@ async def test_pairing_that_nobody_approves_expires(
     args = argparse.Namespace(project_id=uuid.uuid4(), project_name=None, name="late", ttl=60)
     real_wait = pairing.wait_until_connected
 
-    async def impatient(api: RunnerApi, pending: pairing.PendingPairing, ttl: float, tick: Any) -> bytes:
+    async def impatient(api: DevClient, pending: pairing.PendingPairing, ttl: float, tick: Any) -> bytes:
         return await real_wait(api, pending, 1, tick, poll_interval=0.2)  # the session's TTL, shortened
 
     monkeypatch.setattr(pairing, "wait_until_connected", impatient)
@@ -279,7 +279,7 @@ async def test_pairing_that_nobody_approves_expires(
 
 
 @pytest.mark.anyio
-async def test_activation_needs_the_key_from_the_link(devserver: DevServer, api: RunnerApi) -> None:
+async def test_activation_needs_the_key_from_the_link(devserver: DevServer, api: DevClient) -> None:
     from runner_daemon.core.errors import Unauthorized
     from runner_daemon.core.models import PairingActivation, PairingSessionRequest
 
@@ -300,7 +300,7 @@ async def test_activation_needs_the_key_from_the_link(devserver: DevServer, api:
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_secrets_never_reach_the_output(
-    devserver: DevServer, api: RunnerApi, workspace: Path, tmp_path: Path, daemons: DaemonProcesses
+    devserver: DevServer, api: DevClient, workspace: Path, tmp_path: Path, daemons: DaemonProcesses
 ) -> None:
     """Errors, retries, debug logging, a crashing handler: neither secret is ever printed."""
     api_key = "opik-api-key-" + secrets.token_hex(8)

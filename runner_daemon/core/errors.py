@@ -21,7 +21,7 @@ so the loop speaks only in these names and never inspects a status code itself::
         └── RetryableError       worth trying again after a backoff
             ├── ServerError      5xx
             ├── TransportError   connect/read/write failures and timeouts
-            └── ProtocolError    a 2xx answer we could not parse
+            └── UnreadableAnswer a 2xx answer we could not read (too large, undecodable, unparsable)
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class TransportError(RetryableError):
     """The request did not complete on the network (connect, read, write, timeout)."""
 
 
-class ProtocolError(RetryableError):
+class UnreadableAnswer(RetryableError):
     """The server answered success with a body we could not understand."""
 
 

@@ -23,10 +23,10 @@ import anyio
 import structlog
 
 from runner_daemon.bridge.handlers import discover
-from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.logs import Secret, configure_logging
 from runner_daemon.core.models import CommandRecord
 from runner_daemon.core.settings import LogFormat, load_settings
+from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer, DevServerConfig
 from runner_daemon.service.daemon import Daemon, ExitStatus
 
@@ -78,7 +78,7 @@ async def _demo(
     server: DevServer, workspace: Path, state: Path, log_format: LogFormat, log_stream: TextIO
 ) -> int:
     """Print a row for each command; return how many did not end as expected."""
-    async with RunnerApi(server.url) as api:
+    async with DevClient(server.url) as api:
         # The dev server signs this runner's commands with the key, as Opik's UI does.
         bridge_key = secrets.token_bytes(32)
         runner_id = await api.dev_create_runner("runner-daemon demo", bridge_key=bridge_key)

@@ -31,10 +31,11 @@ from runner_daemon import __version__
 from runner_daemon.bridge.handlers import HandlerRegistry, discover
 from runner_daemon.bridge.handlers.exec import child_environment
 from runner_daemon.bridge.workspace import Workspace
-from runner_daemon.core.api import RunnerApi, probe
+from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.errors import ApiError, ConfigError, Unauthorized, describe_validation_error
 from runner_daemon.core.logs import Secret, configure_logging, scrub
 from runner_daemon.core.settings import SECRET_ENV_NAMES, Settings, load_settings, parse_listen
+from runner_daemon.core.transport import probe
 from runner_daemon.service import credentials, pairing
 from runner_daemon.service.daemon import Daemon, ExitStatus
 from runner_daemon.service.notify import Notifier
