@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import random
 from typing import Any
 
@@ -23,6 +24,7 @@ from runner_daemon.bridge.outcome import (
 from runner_daemon.core.logs import configure_logging
 from runner_daemon.core.models import BridgeCommand
 from runner_daemon.core.retry import Backoff
+from runner_daemon.service import notify
 
 
 def test_backoff_grows_with_jitter_and_is_capped() -> None:
@@ -138,3 +140,16 @@ def test_console_format_is_readable() -> None:
     line = stream.getvalue()
     assert "runner connected" in line and "runner_id=r1" in line
     assert not line.startswith("{")
+
+
+def test_every_line_names_the_module_that_wrote_it() -> None:
+    for log_format in ("json", "console"):
+        stream = io.StringIO()
+        configure_logging("info", log_format, stream=stream)
+        notify.log.info("from our code")
+        logging.getLogger("httpx").warning("from a dependency")
+        lines = stream.getvalue().splitlines()
+        if log_format == "json":
+            assert [json.loads(line)["logger"] for line in lines] == ["runner_daemon.service.notify", "httpx"]
+        else:
+            assert "runner_daemon.service.notify" in lines[0] and "httpx" in lines[1]

@@ -132,7 +132,7 @@ def start_daemon(settings: Settings, registry: HandlerRegistry) -> int:
     log_sandbox(sandbox, support, left_out)
     services = HandlerServices(bridge_key=bridge_key, sandbox=sandbox)
     if bridge_key is None:
-        structlog.get_logger("runner_daemon").warning(
+        structlog.get_logger(__name__).warning(
             "accepting unsigned commands (allow_unsigned_commands = true): anyone with the API key "
             "can run commands here"
         )
@@ -141,13 +141,13 @@ def start_daemon(settings: Settings, registry: HandlerRegistry) -> int:
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     except Exception:
-        structlog.get_logger("runner_daemon").exception("the daemon failed unexpectedly")
+        structlog.get_logger(__name__).exception("the daemon failed unexpectedly")
         return ExitStatus.FAILURE
 
 
 def log_sandbox(sandbox: SandboxPolicy | None, support: SandboxSupport, left_out: list[str]) -> None:
     """One line at start: what confines the processes commands start, and what cannot."""
-    logger = structlog.get_logger("runner_daemon")
+    logger = structlog.get_logger(__name__)
     if sandbox is None:
         logger.warning('exec sandbox off ([exec] sandbox = "off"): commands run with the daemon\'s rights')
         return

@@ -27,7 +27,7 @@ from runner_daemon.core.retry import Backoff
 from runner_daemon.core.settings import Settings
 from runner_daemon.service.notify import Notifier
 
-log = structlog.get_logger("runner_daemon.service.daemon")
+log = structlog.get_logger(__name__)
 
 # While Opik cannot be reached, a reminder this often (the first failure is logged at once).
 OUTAGE_SUMMARY_SECONDS = 300.0

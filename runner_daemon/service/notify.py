@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import structlog
 
-log = structlog.get_logger("runner_daemon.service.notify")
+log = structlog.get_logger(__name__)
 
 
 class Notifier:
