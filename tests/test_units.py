@@ -21,6 +21,7 @@ from runner_daemon.bridge.outcome import (
     encode_report,
     parse_command,
 )
+from runner_daemon.core import errors
 from runner_daemon.core.logs import configure_logging
 from runner_daemon.core.models import BridgeCommand
 from runner_daemon.core.retry import Backoff
@@ -153,3 +154,16 @@ def test_every_line_names_the_module_that_wrote_it() -> None:
             assert [json.loads(line)["logger"] for line in lines] == ["runner_daemon.service.notify", "httpx"]
         else:
             assert "runner_daemon.service.notify" in lines[0] and "httpx" in lines[1]
+
+
+def test_the_exception_tree_holds_pairing_expiry_and_abandoned_work() -> None:
+    classes = [
+        value
+        for value in vars(errors).values()
+        if isinstance(value, type) and issubclass(value, Exception) and value.__module__ == errors.__name__
+    ]
+    in_diagram = {line.strip(" │├└─").split(" ")[0] for line in str(errors.__doc__).splitlines()}
+    assert {"Abandoned", "PairingExpired"} <= {cls.__name__ for cls in classes}
+    for cls in classes:
+        assert issubclass(cls, errors.RunnerDaemonError)
+        assert cls.__name__ in in_diagram, f"{cls.__name__} is missing from the tree diagram"

@@ -8,6 +8,8 @@ so the loop speaks only in these names and never inspects a status code itself::
     ├── ConfigError              bad settings; the CLI exits 78 (EX_CONFIG)
     ├── JournalUnavailable       the outbox journal cannot be written (a full or failing disk)
     ├── CommandFailed            a handler's refusal, reported as {"code", "message"}
+    ├── Abandoned                a cancelled command's worker thread stops (a signal, not a failure)
+    ├── PairingExpired           nobody opened the pairing link in time; ``pair`` exits 75
     └── ApiError                 the server answered, or could not be reached
         ├── RunnerGone           404: the runner was disconnected (or never existed)
         │   └── RunnerEvicted    410: deregistered, or replaced by a newer connection
@@ -46,6 +48,19 @@ class CommandFailed(RunnerDaemonError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class Abandoned(RunnerDaemonError):
+    """Raised inside a worker thread once its command was cancelled or timed out.
+
+    Not an error: a signal that unwinds the thread's loop, so work nobody awaits any more
+    stops burning CPU. The loop has already reported the command; the exception ends with
+    the thread. In the tree so that everything we raise on purpose has one root.
+    """
+
+
+class PairingExpired(RunnerDaemonError):
+    """Nobody opened the pairing link before the session's time to live ran out."""
 
 
 class ApiError(RunnerDaemonError):

@@ -30,7 +30,13 @@ from runner_daemon.bridge.handlers.base import HandlerServices
 from runner_daemon.bridge.handlers.exec import child_environment
 from runner_daemon.bridge.workspace import Workspace
 from runner_daemon.core.api import RunnerApi, probe
-from runner_daemon.core.errors import ApiError, ConfigError, Unauthorized, describe_validation_error
+from runner_daemon.core.errors import (
+    ApiError,
+    ConfigError,
+    PairingExpired,
+    Unauthorized,
+    describe_validation_error,
+)
 from runner_daemon.core.logs import Secret, configure_logging, scrub
 from runner_daemon.core.outbox import Outbox, Recovered
 from runner_daemon.core.settings import SECRET_ENV_NAMES, Settings, load_settings, parse_listen
@@ -240,7 +246,7 @@ async def _pair(settings: Settings, args: argparse.Namespace) -> int:
 
         try:
             key = await pairing.wait_until_connected(api, pending, args.ttl, tick)
-        except pairing.PairingExpired as exc:
+        except PairingExpired as exc:
             print(file=sys.stderr)
             _print_error(f"{exc}; run `runner-daemon pair` again", settings.secret_values())
             return ExitStatus.PAIRING_EXPIRED
