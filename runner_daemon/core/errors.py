@@ -54,8 +54,9 @@ class Abandoned(RunnerDaemonError):
     """Raised inside a worker thread once its command was cancelled or timed out.
 
     Not an error: a signal that unwinds the thread's loop, so work nobody awaits any more
-    stops burning CPU. The loop has already reported the command; the exception ends with
-    the thread. In the tree so that everything we raise on purpose has one root.
+    stops burning CPU. The loop has already settled the command's outcome and nobody awaits
+    the thread, so the exception ends with it. In the tree so that everything we raise on
+    purpose has one root.
     """
 
 
