@@ -10,6 +10,7 @@ import structlog
 from runner_daemon.core import logs
 from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer, DevServerConfig
+from tests.summary import write_summary_tables
 from tests.support import DaemonProcesses
 
 
@@ -81,10 +82,6 @@ async def runner_id(api: DevClient) -> str:
     return await api.dev_create_runner("test-runner")
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """The reliability suite's table of faults by outcomes, when it ran."""
-    from tests import test_reliability
-
-    if test_reliability.ROWS:
-        terminalreporter.write_sep("=", "reliability: faults x outcomes")
-        terminalreporter.write_line(test_reliability.table())
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """The tables suites filled as they ran (the reliability suite's faults by outcomes)."""
+    write_summary_tables(config, terminalreporter)

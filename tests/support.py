@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, ClassVar
+from typing import Any, ClassVar
 
 import anyio
 
@@ -185,31 +185,48 @@ def daemon_environment(url: str, runner_id: str, workspace: Path, **settings: ob
     return env
 
 
-# Output files of the processes DaemonProcesses started, by pid. Files, not pipes: a pipe
-# nobody reads fills up after 64 KiB of logs and then blocks the daemon's every log line.
-_OUTPUTS: dict[int, tuple[IO[str], IO[str]]] = {}
+class DaemonProcess(subprocess.Popen[str]):
+    """A process DaemonProcesses started; it owns the files its stdout and stderr go to.
+
+    Files, not pipes: a pipe nobody reads fills up after 64 KiB of logs and then blocks the
+    daemon's every log line.
+    """
+
+    def __init__(self, command: list[str], env: dict[str, str]) -> None:
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in close_output()
+        self._outputs = (out, err)
+        super().__init__(command, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
+
+    def output(self) -> tuple[str, str]:
+        """What the process has written so far (stdout, stderr)."""
+        texts = []
+        for stream in self._outputs:
+            stream.seek(0)
+            texts.append(stream.read())
+        return texts[0], texts[1]
+
+    def close_output(self) -> None:
+        for stream in self._outputs:
+            stream.close()
 
 
 class DaemonProcesses:
     """Starts daemon processes for a test and kills whatever is left when it ends."""
 
     def __init__(self) -> None:
-        self._procs: list[subprocess.Popen[str]] = []
+        self._procs: list[DaemonProcess] = []
 
-    def spawn(self, env: dict[str, str], *argv: str) -> subprocess.Popen[str]:
+    def spawn(self, env: dict[str, str], *argv: str) -> DaemonProcess:
         """``python -m tests.slow_daemon`` (the test handlers), or ``python -m <argv...>``."""
-        command = [sys.executable, "-m", *(argv or ("tests.slow_daemon",))]
-        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in close()
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
-        _OUTPUTS[proc.pid] = (out, err)
+        proc = DaemonProcess([sys.executable, "-m", *(argv or ("tests.slow_daemon",))], env)
         self._procs.append(proc)
         return proc
 
     @property
-    def last(self) -> subprocess.Popen[str]:
+    def last(self) -> DaemonProcess:
         return self._procs[-1]
 
-    def running(self) -> list[subprocess.Popen[str]]:
+    def running(self) -> list[DaemonProcess]:
         return [proc for proc in self._procs if proc.poll() is None]
 
     def close(self) -> None:
@@ -217,25 +234,15 @@ class DaemonProcesses:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-            for stream in _OUTPUTS.pop(proc.pid, ()):
-                stream.close()
-
-
-def output(proc: subprocess.Popen[str]) -> tuple[str, str]:
-    """What a process started by DaemonProcesses has written so far (stdout, stderr)."""
-    texts = []
-    for stream in _OUTPUTS[proc.pid]:
-        stream.seek(0)
-        texts.append(stream.read())
-    return texts[0], texts[1]
+            proc.close_output()
 
 
 async def finish(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[str, str]:
     """Wait for a process to exit (off the event loop); its stdout and stderr."""
-    if proc.pid not in _OUTPUTS:
+    if not isinstance(proc, DaemonProcess):
         return await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=timeout))
     await anyio.to_thread.run_sync(lambda: proc.wait(timeout))
-    return output(proc)
+    return proc.output()
 
 
 def environ_without_settings() -> dict[str, str]:

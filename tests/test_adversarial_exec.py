@@ -36,7 +36,6 @@ from tests.support import (
     daemon_environment,
     executor_for,
     finish,
-    output,
     process_gone,
     runner_connected,
     until,
@@ -219,7 +218,7 @@ async def test_background_processes_end_on_a_forced_exit(
         slow = await api.submit_command(runner_id, "Slow", {"seconds": 60})
         await until(lambda: command_status_is(api, runner_id, slow, "picked_up"), 20)
         proc.send_signal(signal.SIGTERM)
-        await until(lambda: any(line.get("reason") == "SIGTERM" for line in json_lines(output(proc)[1])), 20)
+        await until(lambda: any(line.get("reason") == "SIGTERM" for line in json_lines(proc.output()[1])), 20)
         proc.send_signal(signal.SIGHUP)
         await finish(proc, 60)
         assert proc.returncode == 128 + signal.SIGHUP

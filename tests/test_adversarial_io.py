@@ -49,7 +49,6 @@ from tests.support import (
     daemon_environment,
     environ_without_settings,
     finish,
-    output,
     runner_connected,
     until,
     wait_terminal,
@@ -536,7 +535,7 @@ async def test_a_daemon_fed_a_gzip_bomb_keeps_polling_in_bounded_memory(
     with HostileServer(_bombs("gzip", heartbeat_ok=True)) as server:
         proc = daemons.spawn(daemon_environment(server.url, RUNNER, workspace))
         await until(lambda: server.count(POLL) >= 2 or proc.poll() is not None, 60)
-        assert proc.poll() is None, output(proc)[1]
+        assert proc.poll() is None, proc.output()[1]
         peak = _vm_hwm_bytes(proc.pid)
         proc.send_signal(signal.SIGTERM)
         _, stderr = await finish(proc)

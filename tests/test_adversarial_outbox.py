@@ -26,13 +26,13 @@ from runner_daemon.core.outbox import JOURNAL_FILE, Outbox, OwedResult
 from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer, DevServerConfig
 from tests.support import (
+    DaemonProcess,
     DaemonProcesses,
     bare_loop,
     command_status_is,
     daemon_environment,
     finish,
     make_settings,
-    output,
     until,
     wait_terminal,
 )
@@ -52,12 +52,12 @@ def state(tmp_path: Path) -> Path:
     return tmp_path / "state"
 
 
-Spawn = Callable[..., subprocess.Popen[str]]
+Spawn = Callable[..., DaemonProcess]
 
 
 @pytest.fixture
 def spawn(devserver: DevServer, workspace: Path, state: Path, daemons: DaemonProcesses) -> Spawn:
-    def start(runner_id: str, **settings: object) -> subprocess.Popen[str]:
+    def start(runner_id: str, **settings: object) -> DaemonProcess:
         return daemons.spawn(
             daemon_environment(devserver.url, runner_id, workspace, state_directory=state, **settings)
         )
@@ -65,8 +65,8 @@ def spawn(devserver: DevServer, workspace: Path, state: Path, daemons: DaemonPro
     return start
 
 
-def events(proc: subprocess.Popen[str]) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in output(proc)[1].splitlines()]
+def events(proc: DaemonProcess) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in proc.output()[1].splitlines()]
 
 
 def executions(workspace: Path) -> list[str]:
@@ -74,7 +74,7 @@ def executions(workspace: Path) -> list[str]:
     return log.read_text().split() if log.exists() else []
 
 
-def ready(proc: subprocess.Popen[str]) -> bool:
+def ready(proc: DaemonProcess) -> bool:
     """The daemon process said it polls (its signal handling is up by then)."""
     return any(e["event"].startswith("runner connected") for e in events(proc))
 
@@ -85,7 +85,7 @@ def journalled(state: Path, command_id: str) -> bool:
     return journal.exists() and command_id in journal.read_text(errors="replace")
 
 
-async def stop(proc: subprocess.Popen[str]) -> None:
+async def stop(proc: DaemonProcess) -> None:
     proc.send_signal(signal.SIGTERM)
     _, err = await finish(proc)
     assert proc.returncode == 0, err
@@ -237,7 +237,7 @@ async def test_a_damaged_journal_starts_with_one_warning_in_the_log_format(
         daemon = spawn(runner_id)
         await until(functools.partial(ready, daemon), 20)
         await stop(daemon)
-        lines = output(daemon)[1].splitlines()
+        lines = daemon.output()[1].splitlines()
         parsed = [json.loads(line) for line in lines]  # every line in the configured format
         warnings = [e for e in parsed if e["event"].startswith("skipped unusable outbox")]
         assert len(warnings) == (1 if _ == 0 else 0)

@@ -17,11 +17,11 @@ from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer
 from runner_daemon.service.cli import main
 from tests.support import (
+    DaemonProcess,
     DaemonProcesses,
     daemon_environment,
     environ_without_settings,
     finish,
-    output,
     runner_connected,
     started_in_journal,
     until,
@@ -170,7 +170,7 @@ def test_bad_config_in_a_real_process_exits_78_without_traceback() -> None:
 
 @pytest.fixture
 def spawn_daemon(devserver: DevServer, workspace: Path, daemons: DaemonProcesses) -> Any:
-    def spawn(runner_id: str, **settings: object) -> subprocess.Popen[str]:
+    def spawn(runner_id: str, **settings: object) -> DaemonProcess:
         return daemons.spawn(daemon_environment(devserver.url, runner_id, workspace, **settings))
 
     return spawn
@@ -182,9 +182,9 @@ async def _wait_in_flight(state_directory: Path, command_id: str) -> None:
     await until(lambda: command_id in started_in_journal(state_directory), 20)
 
 
-def _logged_stopping(proc: subprocess.Popen[str], reason: str) -> bool:
+def _logged_stopping(proc: DaemonProcess, reason: str) -> bool:
     """The daemon has logged that it is stopping for ``reason`` (it handled the signal)."""
-    for line in output(proc)[1].splitlines():
+    for line in proc.output()[1].splitlines():
         try:
             record = json.loads(line)
         except ValueError:

@@ -27,7 +27,8 @@ import pytest
 from runner_daemon.core.errors import ApiError
 from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer, DevServerConfig
-from tests.support import DaemonProcesses, daemon_environment, finish, output, started_in_journal, until
+from tests.summary import SummaryTable, summary_table
+from tests.support import DaemonProcesses, daemon_environment, finish, started_in_journal, until
 
 pytestmark = [
     pytest.mark.reliability,
@@ -57,18 +58,21 @@ class Row:
     lost: int
     duplicated: int
 
+    def line(self) -> str:
+        """The row as the faults table shows it, under :data:`HEAD`."""
+        return (
+            f"{self.fault:<28} {self.submitted:>9} {self.completed:>9} {self.failed:>7} {self.lost:>5}"
+            f" {self.duplicated:>10}"
+        )
 
-ROWS: list[Row] = []
+
+HEAD = f"{'fault':<28} {'submitted':>9} {'completed':>9} {'failed':>7} {'lost':>5} {'duplicated':>10}"
 
 
-def table() -> str:
-    head = f"{'fault':<28} {'submitted':>9} {'completed':>9} {'failed':>7} {'lost':>5} {'duplicated':>10}"
-    lines = [head, "-" * len(head)]
-    lines += [
-        f"{r.fault:<28} {r.submitted:>9} {r.completed:>9} {r.failed:>7} {r.lost:>5} {r.duplicated:>10}"
-        for r in ROWS
-    ]
-    return "\n".join(lines)
+@pytest.fixture
+def faults_table(pytestconfig: pytest.Config) -> SummaryTable:
+    """The run's table of faults by outcomes, printed at its end (see tests/summary.py)."""
+    return summary_table(pytestconfig, "reliability: faults x outcomes", HEAD)
 
 
 @dataclass
@@ -79,6 +83,7 @@ class Harness:
     workspace: Path
     state: Path
     daemons: DaemonProcesses
+    table: SummaryTable
 
     def start_daemon(self) -> subprocess.Popen[str]:
         env = daemon_environment(
@@ -115,7 +120,7 @@ class Harness:
             await until(all_terminal, timeout)
         except TimeoutError:
             statuses = Counter(c["status"] for c in await self.commands())
-            logs = [output(proc)[1][-3000:] for proc in self.daemons.running()]
+            logs = [proc.output()[1][-3000:] for proc in self.daemons.running()]
             raise AssertionError(f"not all terminal after {timeout}s: {dict(statuses)}\n{logs}") from None
 
     async def record(self, fault: str, ids: list[str]) -> Row:
@@ -133,27 +138,29 @@ class Harness:
             ),
             duplicated=sum(executions[tokens[i]] > 1 for i in ids),
         )
-        ROWS.append(row)
+        self.table.add(row.line())
         completed_tokens = {tokens[i] for i in ids if by_id[i]["status"] == "completed"}
         assert all(executions[token] == 1 for token in completed_tokens)
         return row
 
 
 @asynccontextmanager
-async def harness(tmp_path: Path, daemons: DaemonProcesses, port: int = 0) -> AsyncIterator[Harness]:
+async def harness(tmp_path: Path, daemons: DaemonProcesses, table: SummaryTable) -> AsyncIterator[Harness]:
     workspace = tmp_path / "ws"
     workspace.mkdir(exist_ok=True)
-    server = DevServer(port=port, config=SUITE_SERVER, state_file=tmp_path / "server-state.json").start()
+    server = DevServer(port=0, config=SUITE_SERVER, state_file=tmp_path / "server-state.json").start()
     try:
         async with DevClient(server.url, request_timeout=10) as api:
             runner_id = await api.dev_create_runner("reliability")
-            yield Harness(server, api, runner_id, workspace, tmp_path / "state", daemons)
+            yield Harness(server, api, runner_id, workspace, tmp_path / "state", daemons, table)
     finally:
         server.stop()
 
 
-async def run_with_fault(tmp_path: Path, daemons: DaemonProcesses, name: str, profile: dict[str, Any]) -> Row:
-    async with harness(tmp_path, daemons) as h:
+async def run_with_fault(
+    tmp_path: Path, daemons: DaemonProcesses, table: SummaryTable, name: str, profile: dict[str, Any]
+) -> Row:
+    async with harness(tmp_path, daemons, table) as h:
         proc = h.start_daemon()
         await h.ready()
         await h.api.dev_post("faults/profile", profile)
@@ -165,10 +172,10 @@ async def run_with_fault(tmp_path: Path, daemons: DaemonProcesses, name: str, pr
         return await h.record(name, ids)
 
 
-def check(row: Row) -> None:
-    assert row.lost == 0, table()
-    assert row.duplicated == 0, table()
-    assert row.completed + row.failed == row.submitted, table()
+def check(row: Row, table: SummaryTable) -> None:
+    assert row.lost == 0, table.render()
+    assert row.duplicated == 0, table.render()
+    assert row.completed + row.failed == row.submitted, table.render()
 
 
 # A poll answer lost in transit after the server picked commands up is not among the resets:
@@ -195,14 +202,18 @@ PROFILES = {
 
 
 @pytest.mark.parametrize("fault", list(PROFILES))
-async def test_fault_profile(tmp_path: Path, daemons: DaemonProcesses, fault: str) -> None:
-    row = await run_with_fault(tmp_path, daemons, fault, PROFILES[fault])
-    check(row)
+async def test_fault_profile(
+    tmp_path: Path, daemons: DaemonProcesses, faults_table: SummaryTable, fault: str
+) -> None:
+    row = await run_with_fault(tmp_path, daemons, faults_table, fault, PROFILES[fault])
+    check(row, faults_table)
     assert row.completed == COMMANDS
 
 
-async def test_thirty_second_blackout(tmp_path: Path, daemons: DaemonProcesses) -> None:
-    async with harness(tmp_path, daemons) as h:
+async def test_thirty_second_blackout(
+    tmp_path: Path, daemons: DaemonProcesses, faults_table: SummaryTable
+) -> None:
+    async with harness(tmp_path, daemons, faults_table) as h:
         proc = h.start_daemon()
         await h.ready()
         ids = await h.submit(COMMANDS, seconds=0.1)
@@ -212,12 +223,12 @@ async def test_thirty_second_blackout(tmp_path: Path, daemons: DaemonProcesses) 
         proc.send_signal(signal.SIGTERM)
         await finish(proc)
         row = await h.record("30 s blackout", ids)
-    check(row)
+    check(row, faults_table)
     assert row.completed == COMMANDS
 
 
-async def test_server_restart(tmp_path: Path, daemons: DaemonProcesses) -> None:
-    async with harness(tmp_path, daemons) as h:
+async def test_server_restart(tmp_path: Path, daemons: DaemonProcesses, faults_table: SummaryTable) -> None:
+    async with harness(tmp_path, daemons, faults_table) as h:
         proc = h.start_daemon()
         await h.ready()
         ids = await h.submit(COMMANDS, seconds=0.05)
@@ -232,12 +243,14 @@ async def test_server_restart(tmp_path: Path, daemons: DaemonProcesses) -> None:
         proc.send_signal(signal.SIGTERM)
         await finish(proc)
         row = await h.record("server restart", ids)
-    check(row)
+    check(row, faults_table)
     assert row.completed == COMMANDS
 
 
-async def test_daemon_sigkill_mid_command_then_restart(tmp_path: Path, daemons: DaemonProcesses) -> None:
-    async with harness(tmp_path, daemons) as h:
+async def test_daemon_sigkill_mid_command_then_restart(
+    tmp_path: Path, daemons: DaemonProcesses, faults_table: SummaryTable
+) -> None:
+    async with harness(tmp_path, daemons, faults_table) as h:
         first = h.start_daemon()
         await h.ready()
         # Mid-run at the kill: quick commands done, a few long ones running, the rest waiting.
@@ -270,13 +283,15 @@ async def test_daemon_sigkill_mid_command_then_restart(tmp_path: Path, daemons: 
         await finish(second)
         row = await h.record("daemon SIGKILL + restart", ids)
         codes = Counter(c["error"]["code"] for c in await h.commands() if c["error"])
-    check(row)
+    check(row, faults_table)
     # The commands that were running are reported interrupted, never run again.
     assert row.failed >= len(long_ones) and codes == {"interrupted": row.failed}
 
 
-async def test_sigterm_drain_then_restart(tmp_path: Path, daemons: DaemonProcesses) -> None:
-    async with harness(tmp_path, daemons) as h:
+async def test_sigterm_drain_then_restart(
+    tmp_path: Path, daemons: DaemonProcesses, faults_table: SummaryTable
+) -> None:
+    async with harness(tmp_path, daemons, faults_table) as h:
         first = h.start_daemon()
         await h.ready()
         ids = await h.submit(COMMANDS, seconds=0.1)
@@ -290,7 +305,7 @@ async def test_sigterm_drain_then_restart(tmp_path: Path, daemons: DaemonProcess
         await finish(second)
         row = await h.record("SIGTERM drain + restart", ids)
         errors = [c["error"] for c in await h.commands() if c["error"]]
-    check(row)
+    check(row, faults_table)
     # Whatever the first daemon's open poll returned after the stop is reported cancelled,
     # not run; everything else completes, by the first daemon or the second.
     assert all(e["code"] == "cancelled" and "not started" in e["message"] for e in errors), errors

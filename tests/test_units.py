@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import random
 from typing import Any
 
@@ -14,9 +15,11 @@ from hypothesis import strategies as st
 
 from runner_daemon.bridge.commands import MalformedCommand, clamp_timeout, parse_command
 from runner_daemon.bridge.results import MAX_PAYLOAD_CHARS, Outcome, encode_report
+from runner_daemon.core import errors
 from runner_daemon.core.logs import configure_logging
 from runner_daemon.core.models import BridgeCommand
 from runner_daemon.core.retry import Backoff
+from runner_daemon.service import notify
 
 
 def test_backoff_grows_with_jitter_and_is_capped() -> None:
@@ -132,3 +135,29 @@ def test_console_format_is_readable() -> None:
     line = stream.getvalue()
     assert "runner connected" in line and "runner_id=r1" in line
     assert not line.startswith("{")
+
+
+def test_every_line_names_the_module_that_wrote_it() -> None:
+    for log_format in ("json", "console"):
+        stream = io.StringIO()
+        configure_logging("info", log_format, stream=stream)
+        notify.log.info("from our code")
+        logging.getLogger("httpx").warning("from a dependency")
+        lines = stream.getvalue().splitlines()
+        if log_format == "json":
+            assert [json.loads(line)["logger"] for line in lines] == ["runner_daemon.service.notify", "httpx"]
+        else:
+            assert "runner_daemon.service.notify" in lines[0] and "httpx" in lines[1]
+
+
+def test_the_exception_tree_holds_pairing_expiry_and_abandoned_work() -> None:
+    classes = [
+        value
+        for value in vars(errors).values()
+        if isinstance(value, type) and issubclass(value, Exception) and value.__module__ == errors.__name__
+    ]
+    in_diagram = {line.strip(" │├└─").split(" ")[0] for line in str(errors.__doc__).splitlines()}
+    assert {"Abandoned", "PairingExpired"} <= {cls.__name__ for cls in classes}
+    for cls in classes:
+        assert issubclass(cls, errors.RunnerDaemonError)
+        assert cls.__name__ in in_diagram, f"{cls.__name__} is missing from the tree diagram"

@@ -24,7 +24,7 @@ from runner_daemon.core.models import BridgeCommand
 from runner_daemon.core.outbox import Outbox, signature_digest
 from runner_daemon.core.settings import Settings
 
-log = structlog.get_logger("runner_daemon.bridge.executor")
+log = structlog.get_logger(__name__)
 
 
 def elapsed_ms(start: float) -> int:

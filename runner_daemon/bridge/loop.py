@@ -43,7 +43,7 @@ EXCESS = "The server sent more commands than this runner asked for; the command 
 # After the grace period, cancelled commands get this long to report before we give up.
 FINAL_REPORT_SECONDS = 10.0
 
-log = structlog.get_logger("runner_daemon.bridge.loop")
+log = structlog.get_logger(__name__)
 
 
 class BridgeLoop:

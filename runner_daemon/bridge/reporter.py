@@ -20,7 +20,7 @@ from runner_daemon.core.outbox import Outbox, OwedResult
 from runner_daemon.core.retry import Backoff, retrying
 from runner_daemon.core.settings import Settings
 
-log = structlog.get_logger("runner_daemon.bridge.reporter")
+log = structlog.get_logger(__name__)
 
 
 class Reporter:

@@ -1,8 +1,10 @@
 """The one exception tree of runner-daemon.
 
 Everything the daemon raises on purpose derives from :class:`RunnerDaemonError`. HTTP status
-codes are mapped onto this tree in exactly one place, :func:`runner_daemon.core.api.raise_for_status`,
-so the loop speaks only in these names and never inspects a status code itself::
+codes are mapped onto this tree only in :mod:`runner_daemon.core.api`: generically by
+``raise_for_status``, and where one endpoint gives a status its own meaning, by that
+endpoint's method (a 409 on a report is :class:`AlreadyReported`). The loops speak only in
+these names and never inspect a status code::
 
     RunnerDaemonError
     ├── ConfigError              bad settings; the CLI exits 78 (EX_CONFIG)
@@ -10,6 +12,8 @@ so the loop speaks only in these names and never inspects a status code itself::
     ├── CommandFailed            a handler's refusal, reported as {"code", "message"}
     ├── Fatal                    the server will not serve this runner again: ends the daemon
     │   (RunnerGone and Unauthorized are both ApiError and Fatal)
+    ├── Abandoned                a cancelled command's worker thread stops (a signal, not a failure)
+    ├── PairingExpired           nobody opened the pairing link in time; ``pair`` exits 75
     └── ApiError                 the server answered, or could not be reached
         ├── RunnerGone           404: the runner was disconnected (or never existed)
         │   └── RunnerEvicted    410: deregistered, or replaced by a newer connection
@@ -57,6 +61,20 @@ class Fatal(RunnerDaemonError):
     daemon turns the first one into the exit status (69 for a gone runner, 77 for refused
     credentials).
     """
+
+
+class Abandoned(RunnerDaemonError):
+    """Raised inside a worker thread once its command was cancelled or timed out.
+
+    Not an error: a signal that unwinds the thread's loop, so work nobody awaits any more
+    stops burning CPU. The loop has already settled the command's outcome and nobody awaits
+    the thread, so the exception ends with it. In the tree so that everything we raise on
+    purpose has one root.
+    """
+
+
+class PairingExpired(RunnerDaemonError):
+    """Nobody opened the pairing link before the session's time to live ran out."""
 
 
 class ApiError(RunnerDaemonError):

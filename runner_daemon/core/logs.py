@@ -1,9 +1,11 @@
 """Logging configuration: the one place structlog is set up.
 
 JSON lines when the log stream is not a terminal (journald, containers, files), readable
-console output when it is. Log lines go to stderr so stdout stays free for command output
-(``demo``, ``check-config``). Every rendered line is scrubbed of the configured secrets as the
-very last step, so a secret cannot leak through an exception text or a third-party message.
+console output when it is. Every line names the logger that wrote it (key ``logger``: our
+module path, or a dependency's stdlib logger name). Log lines go to stderr so stdout stays
+free for command output (``demo``, ``check-config``). Every rendered line is scrubbed of the
+configured secrets as the very last step, so a secret cannot leak through an exception text
+or a third-party message.
 """
 
 from __future__ import annotations
@@ -160,12 +162,13 @@ def configure_logging(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
+            _add_logger_name,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             *exception_processors,
             _ScrubbingRenderer(renderer, secrets),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=lambda *_: _PrintLogger(stream),
+        logger_factory=lambda name=None, *_: _PrintLogger(stream, name),
         cache_logger_on_first_use=CACHE_LOGGERS,
     )
     # Our dependencies log through the stdlib: route that through the same pipeline, so it
@@ -177,12 +180,24 @@ def configure_logging(
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _add_logger_name(logger: WrappedLogger, _: str, event_dict: EventDict) -> EventDict:
+    """Adds the name given to ``structlog.get_logger`` as ``logger``: which module wrote it."""
+    name = getattr(logger, "name", None)
+    if name is not None:
+        event_dict.setdefault("logger", name)
+    return event_dict
+
+
 class _PrintLogger(structlog.PrintLogger):
-    """Drops a line it cannot write instead of raising.
+    """Drops a line it cannot write instead of raising; knows its logger's name.
 
     A terminal that was closed (SIGHUP, then EIO on every write) or a reader that went away
     (EPIPE) must not turn the drain that the hang-up started into a crash (exit 1).
     """
+
+    def __init__(self, stream: TextIO, name: str | None) -> None:
+        super().__init__(stream)
+        self.name = name
 
     def msg(self, message: str) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -200,4 +215,4 @@ class _ToStructlog(logging.Handler):
             message = record.getMessage()
         except (TypeError, ValueError):
             message = str(record.msg)
-        logger.log(record.levelno, message, logger=record.name, exc_info=record.exc_info or None)
+        logger.log(record.levelno, message, exc_info=record.exc_info or None)

@@ -29,6 +29,13 @@ class HeartbeatRequest(_Wire):
 
 
 class HeartbeatResponse(_Wire):
+    """A heartbeat's answer.
+
+    ``cancelled_job_ids`` is validated (a malformed answer is a protocol error) but nothing
+    reads it yet: Opik fills it only for an endpoint runner's jobs, and a connect runner
+    always gets ``[]``. It stays for the jobs loop, which will cancel the jobs it names.
+    """
+
     cancelled_job_ids: list[str] = Field(default_factory=list)
 
 

@@ -56,7 +56,7 @@ from runner_daemon.core.errors import ConfigError, JournalUnavailable
 from runner_daemon.core.models import ResultReport
 from runner_daemon.core.statedir import fsync_folder
 
-log = structlog.get_logger("runner_daemon.core.outbox")
+log = structlog.get_logger(__name__)
 
 JOURNAL_FILE = "outbox.jsonl"
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024

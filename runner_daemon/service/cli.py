@@ -32,7 +32,13 @@ from runner_daemon.bridge.handlers import HandlerRegistry, discover
 from runner_daemon.bridge.handlers.exec import child_environment
 from runner_daemon.bridge.workspace import Workspace
 from runner_daemon.core.api import RunnerApi
-from runner_daemon.core.errors import ApiError, ConfigError, Unauthorized, describe_validation_error
+from runner_daemon.core.errors import (
+    ApiError,
+    ConfigError,
+    PairingExpired,
+    Unauthorized,
+    describe_validation_error,
+)
 from runner_daemon.core.logs import Secret, configure_logging, scrub
 from runner_daemon.core.settings import SECRET_ENV_NAMES, Settings, load_settings, parse_listen
 from runner_daemon.core.transport import probe
@@ -143,7 +149,7 @@ def start_daemon(settings: Settings, registry: HandlerRegistry) -> int:
 
 def log_sandbox(sandbox: SandboxPolicy | None, support: SandboxSupport, left_out: list[str]) -> None:
     """One line at start: what confines the processes commands start, and what cannot."""
-    logger = structlog.get_logger("runner_daemon")
+    logger = structlog.get_logger(__name__)
     if sandbox is None:
         logger.warning('exec sandbox off ([exec] sandbox = "off"): commands run with the daemon\'s rights')
         return
@@ -236,7 +242,7 @@ async def _pair(settings: Settings, args: argparse.Namespace) -> int:
 
         try:
             key = await pairing.wait_until_connected(api, pending, args.ttl, tick)
-        except pairing.PairingExpired as exc:
+        except PairingExpired as exc:
             print(file=sys.stderr)
             _print_error(f"{exc}; run `runner-daemon pair` again", settings.secret_values())
             return ExitStatus.PAIRING_EXPIRED

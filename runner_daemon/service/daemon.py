@@ -35,7 +35,7 @@ from runner_daemon.service.lifecycle import ExitStatus, Lifecycle, Phase
 from runner_daemon.service.notify import Notifier
 from runner_daemon.system.sandbox import SandboxPolicy
 
-log = structlog.get_logger("runner_daemon.service.daemon")
+log = structlog.get_logger(__name__)
 
 # While Opik cannot be reached, a reminder this often (the first failure is logged at once).
 OUTAGE_SUMMARY_SECONDS = 300.0

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from runner_daemon.core.settings import parse_listen
 from runner_daemon.service.metrics import CONTENT_TYPE, render
 
-log = structlog.get_logger("runner_daemon.service.health")
+log = structlog.get_logger(__name__)
 
 MAX_REQUEST_BYTES = 8192
 REQUEST_DEADLINE_SECONDS = 5.0

@@ -13,10 +13,12 @@ from collections.abc import Mapping
 
 import structlog
 
-log = structlog.get_logger("runner_daemon.service.notify")
+log = structlog.get_logger(__name__)
 
 
 class Notifier:
+    """One daemon's line to systemd; its socket lives as long as the process."""
+
     def __init__(self, address: str | None, watchdog_usec: int | None = None) -> None:
         self.address = "\0" + address[1:] if address and address.startswith("@") else address
         # systemd wants a ping at least every WATCHDOG_USEC; half of it leaves room for a hiccup.
@@ -63,8 +65,3 @@ class Notifier:
 
     def stopping(self, status: str) -> None:
         self.send(STOPPING="1", STATUS=status)
-
-    def close(self) -> None:
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None

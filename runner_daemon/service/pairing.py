@@ -22,17 +22,13 @@ import anyio
 
 from runner_daemon.bridge.signing import derive_bridge_key
 from runner_daemon.core.api import RunnerApi
-from runner_daemon.core.errors import RetryableError, RunnerDaemonError, RunnerGone
+from runner_daemon.core.errors import PairingExpired, RetryableError, RunnerGone
 from runner_daemon.core.models import PairingActivation, PairingSessionRequest
 
 POLL_INTERVAL_SECONDS = 2.0
 CONNECT_TYPE_BYTE = 0x00
 MAX_NAME_CHARS = 128
 MAX_NAME_BYTES = 255
-
-
-class PairingExpired(RunnerDaemonError):
-    """Nobody opened the link before the session's time to live ran out."""
 
 
 @dataclass(frozen=True, repr=False)

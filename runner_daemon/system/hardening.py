@@ -18,7 +18,7 @@ import structlog
 
 PR_SET_DUMPABLE = 4
 
-log = structlog.get_logger("runner_daemon.system.hardening")
+log = structlog.get_logger(__name__)
 
 
 def forbid_inspection() -> bool:

@@ -58,7 +58,7 @@ PROC = "/proc"
 # SIGTERM → SIGKILL grace for background processes at daemon stop (Opik: 5 s).
 BACKGROUND_GRACE_SECONDS = 5.0
 
-log = structlog.get_logger("runner_daemon.system.processes")
+log = structlog.get_logger(__name__)
 
 # The group watcher: "+<pgid>" and "-<pgid>" lines on stdin; at their end (the daemon is
 # gone), SIGTERM to every group still listed, then SIGKILL to those alive after $1 tenths

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from runner_daemon.bridge.fileio import AnchoredDir, FileLocks
 from runner_daemon.bridge.workspace import Workspace
-from runner_daemon.core.errors import CommandFailed
+from runner_daemon.core.errors import Abandoned, CommandFailed
 from runner_daemon.core.settings import Settings
 from runner_daemon.system.processes import BackgroundProcesses
 from runner_daemon.system.sandbox import SandboxPolicy
@@ -28,10 +28,6 @@ class Args(BaseModel):
     """Base of handler argument models: unknown keys are ignored, as Opik's runner does."""
 
     model_config = ConfigDict(extra="ignore", frozen=True, defer_build=True)
-
-
-class Abandoned(Exception):
-    """Raised inside worker-thread code once its command was cancelled or timed out."""
 
 
 @dataclass
@@ -113,4 +109,4 @@ class Handler(abc.ABC, Generic[A]):
     async def run(self, args: A, ctx: HandlerContext) -> dict[str, Any]: ...
 
 
-__all__ = ["A", "Abandoned", "Args", "CommandFailed", "Handler", "HandlerContext", "HandlerServices"]
+__all__ = ["A", "Args", "CommandFailed", "Handler", "HandlerContext", "HandlerServices"]
