@@ -1,5 +1,5 @@
 import sys
 
-from runner_daemon.service.cli import main
+from runner_daemon.cli import main
 
 sys.exit(main())

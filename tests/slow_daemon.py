@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import sys
 
+from runner_daemon.cli import start_daemon
 from runner_daemon.core.settings import load_settings
-from runner_daemon.service.cli import start_daemon
 from tests.support import registry_for_tests
 
 if __name__ == "__main__":

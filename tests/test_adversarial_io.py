@@ -26,6 +26,7 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from runner_daemon.cli import main
 from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.errors import (
     ConfigError,
@@ -41,7 +42,6 @@ from runner_daemon.core.transport import _AnswerTooLarge, _BoundedBody
 from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer
 from runner_daemon.service import credentials
-from runner_daemon.service.cli import main
 from tests.hostile import MIB, HostileServer, Request, bomb, json_answer
 from tests.support import (
     REPO,

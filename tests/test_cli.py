@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
+from runner_daemon.cli import main
 from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer
-from runner_daemon.service.cli import main
 from tests.support import (
     DaemonProcess,
     DaemonProcesses,

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runner_daemon.bridge.workspace import Workspace, matches_deny_pattern
 from runner_daemon.core.errors import CommandFailed
+from runner_daemon.system.workspace import Workspace, matches_deny_pattern
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ from runner_daemon.bridge.handlers import discover
 from runner_daemon.bridge.handlers import read_file as read_file_module
 from runner_daemon.bridge.handlers.base import HandlerContext, HandlerServices
 from runner_daemon.bridge.results import Outcome
-from runner_daemon.bridge.workspace import Workspace
 from runner_daemon.core.models import BridgeCommand
 from runner_daemon.core.settings import load_settings
+from runner_daemon.system.workspace import Workspace
 from tests.support import executor_for
 
 

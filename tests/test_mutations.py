@@ -14,7 +14,7 @@ from runner_daemon.bridge.fileio import AnchoredDir
 from runner_daemon.bridge.handlers.edit_file import fuzzy_view
 from runner_daemon.bridge.results import Outcome
 from runner_daemon.bridge.syntax import check_syntax
-from runner_daemon.bridge.workspace import Workspace
+from runner_daemon.system.workspace import Workspace
 from tests.support import executor_for
 
 pytestmark = pytest.mark.anyio

@@ -70,7 +70,7 @@ def test_a_password_in_the_url_is_a_secret_to_scrub() -> None:
 
 
 def test_check_config_masks_a_password_in_the_url(capsys: pytest.CaptureFixture[str]) -> None:
-    from runner_daemon.service.cli import main
+    from runner_daemon.cli import main
 
     assert main(["check-config", "--url", "https://user:hunter2-long-password@opik.example/api/"]) == 0
     printed = capsys.readouterr().out

@@ -18,12 +18,13 @@ from typing import Any
 import anyio
 import pytest
 
+from runner_daemon import cli
 from runner_daemon.bridge.signing import HMAC_FIELD, derive_bridge_key, sign, sign_result, verify_command
 from runner_daemon.core.errors import ConfigError
 from runner_daemon.core.settings import load_settings
 from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer
-from runner_daemon.service import cli, pairing
+from runner_daemon.service import pairing
 from runner_daemon.service.credentials import CREDENTIALS_FILE, Credentials, load, resolve, store
 from runner_daemon.service.pairing import activation_hmac, pairing_link, parse_link_fragment
 from tests.support import (

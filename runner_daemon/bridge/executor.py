@@ -18,11 +18,11 @@ from runner_daemon.bridge.handlers import HandlerRegistry
 from runner_daemon.bridge.handlers.base import HandlerContext, HandlerServices
 from runner_daemon.bridge.results import Outcome
 from runner_daemon.bridge.signing import HMAC_FIELD, verify_command
-from runner_daemon.bridge.workspace import Workspace
 from runner_daemon.core.errors import CommandFailed, JournalUnavailable, describe_validation_error
 from runner_daemon.core.models import BridgeCommand
 from runner_daemon.core.outbox import Outbox, signature_digest
 from runner_daemon.core.settings import Settings
+from runner_daemon.system.workspace import Workspace
 
 log = structlog.get_logger(__name__)
 

@@ -25,8 +25,8 @@ from typing import BinaryIO, Self
 
 import anyio
 
-from runner_daemon.bridge.workspace import Workspace
 from runner_daemon.core.errors import CommandFailed
+from runner_daemon.system.workspace import Workspace
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC

@@ -26,11 +26,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from runner_daemon.bridge.workspace import Workspace
 from runner_daemon.core.errors import ConfigError
 from runner_daemon.core.settings import Settings
 from runner_daemon.system import sandbox_exec
 from runner_daemon.system.sandbox_exec import landlock_abi
+from runner_daemon.system.workspace import Workspace
 
 # Read and execute: the system. /proc is readable as a whole (tools read /proc/cpuinfo,
 # /proc/self/...); what is private in another process's entry (environ, mem, maps, fds)

@@ -14,11 +14,11 @@ import anyio.to_thread
 from pydantic import BaseModel, ConfigDict
 
 from runner_daemon.bridge.fileio import AnchoredDir, FileLocks
-from runner_daemon.bridge.workspace import Workspace
 from runner_daemon.core.errors import Abandoned, CommandFailed
 from runner_daemon.core.settings import Settings
 from runner_daemon.system.processes import BackgroundProcesses
 from runner_daemon.system.sandbox import SandboxPolicy
+from runner_daemon.system.workspace import Workspace
 
 A = TypeVar("A", bound=BaseModel)
 T = TypeVar("T")

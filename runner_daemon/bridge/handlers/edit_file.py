@@ -21,8 +21,8 @@ from runner_daemon.bridge.fileio import AnchoredDir, NotRegularFile
 from runner_daemon.bridge.handlers.base import Args, Handler, HandlerContext
 from runner_daemon.bridge.handlers.read_file import BINARY_SNIFF_BYTES
 from runner_daemon.bridge.handlers.write_file import describe_change
-from runner_daemon.bridge.workspace import Workspace
 from runner_daemon.core.errors import CommandFailed
+from runner_daemon.system.workspace import Workspace
 
 BOM = "\ufeff"
 FUZZY_CHARACTERS = str.maketrans(

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from runner_daemon.bridge.fileio import AnchoredDir, open_subfolder
 from runner_daemon.bridge.handlers.base import Args, Handler, HandlerContext, existing_folder
-from runner_daemon.bridge.workspace import SKIP_DIRS
+from runner_daemon.system.workspace import SKIP_DIRS
 
 MAX_ENTRIES = 1000
 MAX_BYTES = 512 * 1024

@@ -47,8 +47,8 @@ from runner_daemon.bridge.handlers.base import Args, Handler, HandlerContext, ex
 from runner_daemon.bridge.search.git_grep import find_git_work_tree, git_environment, git_search
 from runner_daemon.bridge.search.hits import Hit, Hits, line_text, open_inside, read_line
 from runner_daemon.bridge.search.walk import python_search
-from runner_daemon.bridge.workspace import Workspace
 from runner_daemon.core.errors import CommandFailed
+from runner_daemon.system.workspace import Workspace
 
 MAX_BYTES = 512 * 1024
 MAX_PATTERN_CHARS = 500

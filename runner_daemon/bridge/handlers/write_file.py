@@ -9,8 +9,8 @@ from typing import Any
 from runner_daemon.bridge.fileio import AnchoredDir, NotRegularFile
 from runner_daemon.bridge.handlers.base import Args, Handler, HandlerContext
 from runner_daemon.bridge.syntax import check_syntax
-from runner_daemon.bridge.workspace import Workspace
 from runner_daemon.core.errors import CommandFailed
+from runner_daemon.system.workspace import Workspace
 
 DIFF_CONTEXT_LINES = 4
 

@@ -28,9 +28,9 @@ from runner_daemon.bridge.search.hits import (
     read_line,
     reportable,
 )
-from runner_daemon.bridge.workspace import Workspace
 from runner_daemon.core.errors import CommandFailed
 from runner_daemon.system.sandbox import SandboxPolicy
+from runner_daemon.system.workspace import Workspace
 
 # rev-parse answers in milliseconds; longer means git hangs (a network mount, a lock).
 GIT_PROBE_SECONDS = 5.0

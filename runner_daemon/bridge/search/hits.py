@@ -9,8 +9,8 @@ from pathlib import PurePosixPath
 from typing import BinaryIO
 
 from runner_daemon.bridge.fileio import AnchoredDir, NotRegularFile, open_regular
-from runner_daemon.bridge.workspace import Workspace
 from runner_daemon.core.errors import CommandFailed
+from runner_daemon.system.workspace import Workspace
 
 MAX_MATCHES = 100
 MAX_LINE_CHARS = 500

@@ -18,7 +18,7 @@ from typing import BinaryIO
 from runner_daemon.bridge.fileio import AnchoredDir, open_subfolder
 from runner_daemon.bridge.handlers.base import HandlerContext
 from runner_daemon.bridge.search.hits import Hit, Hits, line_text, open_quietly, reportable
-from runner_daemon.bridge.workspace import SKIP_DIRS, Workspace
+from runner_daemon.system.workspace import SKIP_DIRS, Workspace
 
 BINARY_SNIFF_BYTES = 8192
 
