@@ -10,9 +10,10 @@ so callers never see a status code. The UI's calls and the dev server's control 
 from __future__ import annotations
 
 import email.utils
+import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -32,8 +33,11 @@ from runner_daemon.core.errors import (
     UnreadableAnswer,
 )
 from runner_daemon.core.models import (
+    Agent,
     HeartbeatRequest,
     HeartbeatResponse,
+    Job,
+    LogEntry,
     PairingSession,
     PairingSessionRequest,
     PollRequest,
@@ -56,6 +60,8 @@ MAX_ANSWER_BYTES = 2 * PAYLOAD_CAP_CHARS
 # ...and for each command a poll asks for, one payload at 3 bytes per character (UTF-8 for
 # what Opik counts as one character) plus the item's other fields.
 POLL_BYTES_PER_COMMAND = 3 * PAYLOAD_CAP_CHARS + 64 * 1024
+# Opik sets no cap on a job's inputs; ours bounds what one poll answer may hold.
+MAX_JOB_BYTES = 8 * 1024 * 1024
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -236,6 +242,44 @@ class RunnerApi:
         if answer.status == 409:
             raise AlreadyReported(error_message(answer), status=answer.status)
         raise_for_status(answer)
+
+    # --- jobs: the endpoint runner (../shared/JOBS.md) ----------------------------------------
+
+    async def next_job(self, runner_id: str) -> Job | None:
+        """Long-poll for one job; ``None`` when the hold ends without one (``null`` or 204)."""
+        answer = await self._request(
+            "POST", f"{RUNNERS_PATH}/{runner_id}/jobs/next", budget=self._poll_timeout, limit=MAX_JOB_BYTES
+        )
+        if answer.status == 204 or answer.body.strip() in (b"", b"null"):
+            return None
+        return parse_answer(Job, answer)
+
+    async def report_job(self, job_id: str, body: bytes) -> None:
+        """Post an encoded :class:`~runner_daemon.core.models.JobReport` (Opik answers 204,
+        and ignores a report on a finished job with 204 too: at-least-once is safe)."""
+        await self._request("POST", f"{RUNNERS_PATH}/jobs/{job_id}/results", content=body)
+
+    async def post_job_logs(self, job_id: str, entries: Sequence[LogEntry]) -> None:
+        body = b"[" + b",".join(entry.model_dump_json().encode() for entry in entries) + b"]"
+        await self._request("POST", f"{RUNNERS_PATH}/jobs/{job_id}/logs", content=body)
+
+    async def put_agents(self, runner_id: str, agents: Mapping[str, Agent]) -> None:
+        """Replace the runner's whole set of agents (``{}`` clears it)."""
+        body = (
+            b"{"
+            + b",".join(
+                json.dumps(name).encode() + b":" + agent.model_dump_json(exclude_none=True).encode()
+                for name, agent in agents.items()
+            )
+            + b"}"
+        )
+        await self._request("PUT", f"{RUNNERS_PATH}/{runner_id}/agents", content=body)
+
+    async def patch_checklist(self, runner_id: str, checklist: Mapping[str, Any]) -> None:
+        """Deep-merged by the server into the runner's stored checklist."""
+        await self._request(
+            "PATCH", f"{RUNNERS_PATH}/{runner_id}/checklist", content=json.dumps(dict(checklist)).encode()
+        )
 
     async def disconnect(self, runner_id: str) -> None:
         await self._request("DELETE", f"{RUNNERS_PATH}/{runner_id}")

@@ -17,6 +17,10 @@ ReportStatus = Literal["completed", "failed"]
 RunnerStatus = Literal["pairing", "connected", "disconnected"]
 
 BRIDGE_CAPABILITY = "bridge"
+JOBS_CAPABILITY = "jobs"
+JobStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
+JobReportStatus = Literal["running", "completed", "failed"]
+ParamType = Literal["string", "integer", "float", "boolean", "prompt", "prompt_commit", "number"]
 
 
 class _Wire(BaseModel):
@@ -135,3 +139,64 @@ class PairingSession(_Wire):
 class PairingActivation(_Wire):
     runner_name: str
     hmac: str
+
+
+# --- jobs (the endpoint runner; ../shared/JOBS.md) -------------------------------------------
+
+
+class AgentParam(_Wire):
+    name: str
+    type: str
+    presence: Literal["required", "optional"] | None = None
+
+
+class Agent(_Wire):
+    """One entry of ``PUT {runnerId}/agents`` (the map's key is the agent's name)."""
+
+    description: str | None = None
+    language: str | None = None
+    executable: str | None = None
+    source_file: str | None = None
+    params: list[AgentParam] = Field(default_factory=list)
+    timeout: int | None = None
+
+
+class Job(_Wire):
+    """A job as ``jobs/next`` and ``GET jobs/{jobId}`` return it."""
+
+    id: str
+    runner_id: str | None = None
+    agent_name: str
+    status: JobStatus
+    inputs: Any = None
+    result: Any = None
+    error: str | None = None
+    project_id: str | None = None
+    trace_id: str | None = None
+    prompt_masks: dict[str, str] | None = None
+    blueprint_name: str | None = None
+    metadata: dict[str, Any] | None = None
+    timeout: int = 1800
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in ("completed", "failed", "cancelled")
+
+
+class JobReport(_Wire):
+    """Body of ``POST jobs/{jobId}/results``."""
+
+    status: JobReportStatus
+    result: Any = None
+    error: str | None = None
+    trace_id: str | None = None
+
+
+class LogEntry(_Wire):
+    """One line of a job's log; Opik refuses a batch holding a blank stream or text (422)."""
+
+    stream: Literal["stdout", "stderr"] | str
+    text: str

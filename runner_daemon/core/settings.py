@@ -145,6 +145,74 @@ class HealthSettings(BaseModel):
         return value
 
 
+AGENT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,127}")
+ParamTypeName = Literal["string", "integer", "float", "boolean", "prompt", "prompt_commit"]
+
+
+class BridgeSettings(BaseModel):
+    """The bridge capability (``[bridge]``): its runner id is the top-level ``runner_id``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+
+
+class AgentParamSettings(BaseModel):
+    """One input of a declared agent, as Opik registers it (``../shared/JOBS.md``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=128)
+    type: ParamTypeName = "string"
+    presence: Literal["required", "optional"] = "required"
+
+
+class AgentSettings(BaseModel):
+    """A declared agent (``[jobs.agents.NAME]``): any program, given its inputs as JSON on stdin."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command: tuple[str, ...] = Field(min_length=1)
+    description: str = ""
+    params: tuple[AgentParamSettings, ...] = ()
+    # Seconds; registered with Opik, which fixes it as the timeout of the jobs it creates.
+    timeout: int | None = Field(None, gt=0, le=7 * 24 * 3600)
+    # None: as [jobs] sandbox says.
+    sandbox: bool | None = None
+
+
+class JobsSettings(BaseModel):
+    """The jobs capability (``[jobs]``): the user's agents, run for Opik's Agent Playground."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    # The endpoint runner's id (``runner-daemon pair --type endpoint`` stores one).
+    runner_id: uuid.UUID | None = None
+    max_jobs: int = Field(2, ge=1, le=32)
+    # Agents are the user's own code and often need their home folder: unconfined by default.
+    sandbox: bool = False
+    # The interpreter of discovered Python agents; default: the workspace's .venv, else python3.
+    python: str | None = None
+    # Find @opik.track(entrypoint=True) functions in the workspace (read, never imported).
+    discover: bool = True
+    agents: dict[str, AgentSettings] = Field(default_factory=dict)
+    # A job's process group gets SIGTERM, then SIGKILL after this long (cancel, timeout, stop).
+    kill_grace_seconds: float = Field(5.0, ge=0, le=120)
+    # The most unsent log lines kept per job; past it the oldest are dropped (and counted).
+    max_log_lines: int = Field(10_000, ge=100, le=1_000_000)
+
+    @field_validator("agents")
+    @classmethod
+    def _check_agent_names(cls, agents: dict[str, AgentSettings]) -> dict[str, AgentSettings]:
+        for name in agents:
+            if not AGENT_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not an agent name (letters, digits, _ . -)")
+        if len(agents) > 50:
+            raise ValueError(f"{len(agents)} agents declared; Opik accepts at most 50")
+        return agents
+
+
 class Settings(BaseModel):
     """Every knob of the daemon. Secrets are ``SecretStr`` so ``repr()`` masks them."""
 
@@ -190,6 +258,8 @@ class Settings(BaseModel):
     deny_write_paths: tuple[str, ...] = DEFAULT_DENY_WRITE_PATHS
     exec: ExecSettings = ExecSettings()
     health: HealthSettings = HealthSettings()
+    bridge: BridgeSettings = BridgeSettings()
+    jobs: JobsSettings = JobsSettings()
 
     @field_validator("url")
     @classmethod
