@@ -210,6 +210,8 @@ def cmd_pair(args: argparse.Namespace) -> int:
 
 
 async def _pair(settings: Settings, args: argparse.Namespace) -> int:
+    if args.type == "endpoint":
+        return await _pair_endpoint(settings, args)
     async with RunnerApi.from_settings(settings) as api:
         try:
             pending = await pairing.start_pairing(
@@ -253,6 +255,35 @@ async def _pair(settings: Settings, args: argparse.Namespace) -> int:
     )
     print(f"\npaired runner {pending.runner_id}; credentials saved to {path}", flush=True)
     print("start it with: runner-daemon run", flush=True)
+    return ExitStatus.OK
+
+
+async def _pair_endpoint(settings: Settings, args: argparse.Namespace) -> int:
+    """Headless, as ``opik endpoint --headless``: no link, no browser, no bridge key."""
+    async with RunnerApi.from_settings(settings) as api:
+        try:
+            pending = await pairing.pair_headless(
+                api,
+                settings.url,
+                project_id=str(args.project_id),
+                runner_name=args.name,
+                workspace=settings.workspace,
+                ttl_seconds=args.ttl,
+            )
+        except Unauthorized as exc:
+            _print_error(f"could not pair: {exc}", settings.secret_values())
+            return ExitStatus.UNAUTHORIZED
+        except ApiError as exc:
+            _print_error(f"could not pair: {exc}; try again", settings.secret_values())
+            return ExitStatus.PAIRING_EXPIRED
+    path = credentials.store(
+        settings.state_directory,
+        credentials.Credentials(pending.runner_id, None, settings.url),
+        project_id=pending.project_id,
+        endpoint=True,
+    )
+    print(f"paired endpoint runner {pending.runner_id} (jobs); saved to {path}", flush=True)
+    print("serve jobs with: RUNNER_DAEMON_JOBS__ENABLED=true runner-daemon run", flush=True)
     return ExitStatus.OK
 
 
@@ -507,6 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
     pair.add_argument("--project-name", help="the project's name, shown on the pairing page")
     pair.add_argument(
         "--name", default=f"{socket.gethostname()}-runner-daemon", help="the runner's name in Opik"
+    )
+    pair.add_argument(
+        "--type",
+        choices=["connect", "endpoint"],
+        default="connect",
+        help="connect: the bridge (a browser approves; default); endpoint: jobs (paired headless)",
     )
     pair.add_argument(
         "--ttl", type=_pairing_ttl, default=300, metavar="60-600", help="seconds the link is valid (300)"

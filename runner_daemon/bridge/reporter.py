@@ -68,8 +68,8 @@ class Reporter:
         """What the previous run left: its undelivered results, and ``interrupted`` for each
         command it started and never finished (it may have had side effects: never re-run)."""
         recovered = self._outbox.recovered
-        entries = list(recovered.results)
-        for lost in recovered.interrupted:
+        entries = [entry for entry in recovered.results if entry.kind == "command"]
+        for lost in (entry for entry in recovered.interrupted if entry.kind == "command"):
             outcome = Outcome.failed("interrupted", "The daemon restarted while the command ran")
             entry = self.entry(lost.command_id, lost.command_type, outcome, lost.runner_id)
             await self._outbox.result(entry)

@@ -38,6 +38,7 @@ from runner_daemon.core.models import (
     HeartbeatResponse,
     Job,
     LogEntry,
+    PairingActivation,
     PairingSession,
     PairingSessionRequest,
     PollRequest,
@@ -290,3 +291,10 @@ class RunnerApi:
     async def create_pairing_session(self, request: PairingSessionRequest) -> PairingSession:
         answer = await self._request("POST", PAIRING_PATH, content=request.model_dump_json().encode())
         return parse_answer(PairingSession, answer)
+
+    async def activate_pairing_session(self, session_id: str, activation: PairingActivation) -> None:
+        """What the browser does with a pairing link; an endpoint runner paired headless
+        (``pair --type endpoint``) makes this call itself."""
+        await self._request(
+            "POST", f"{PAIRING_PATH}/{session_id}/activate", content=activation.model_dump_json().encode()
+        )

@@ -45,15 +45,16 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.to_thread
 import pydantic_core
 import structlog
+from pydantic import BaseModel
 
 from runner_daemon.core.errors import ConfigError, JournalUnavailable
-from runner_daemon.core.models import ResultReport
+from runner_daemon.core.models import JobReport, ResultReport
 from runner_daemon.core.statedir import fsync_folder
 
 log = structlog.get_logger(__name__)
@@ -72,6 +73,11 @@ MAX_ID_CHARS = 256
 _COMPACT_SUFFIX = ".compact"
 
 
+# A bridge command's result, or a job's report: each kind has its own loop and endpoint.
+Kind = Literal["command", "job"]
+_REPORT_MODELS: dict[str, type[BaseModel]] = {"command": ResultReport, "job": JobReport}
+
+
 @dataclass(frozen=True)
 class OwedResult:
     """A result the server has not confirmed yet."""
@@ -81,6 +87,7 @@ class OwedResult:
     command_type: str
     body: bytes
     created: float  # wall-clock seconds, so the result's time to live survives a restart
+    kind: Kind = "command"  # which loop delivers it, and where
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,8 @@ class StartedCommand:
     runner_id: str
     command_id: str
     command_type: str
+    kind: Kind = "command"
+    trace_id: str | None = None  # a job's: its final report carries the same trace id
 
 
 @dataclass(frozen=True)
@@ -220,16 +229,22 @@ class Outbox:
         command_id = _text(record["id"])
         if command_id in self._done and op != "done":
             return  # a finished command's id is final: nothing revives it
+        kind = _kind(record.get("kind", "command"))
         if op == "started":
+            trace = record.get("trace")
             self._started[command_id] = StartedCommand(
-                _text(record["runner"]), command_id, _text(record["type"])
+                _text(record["runner"]),
+                command_id,
+                _text(record["type"]),
+                kind,
+                None if trace is None else _text(trace),
             )
         elif op == "result":
             body = _text(record["body"], limit=None).encode()
             # A body that cannot be sent as it is must not be resent forever.
-            ResultReport.model_validate_json(body)
+            _REPORT_MODELS[kind].model_validate_json(body)
             self._owed[command_id] = OwedResult(
-                _text(record["runner"]), command_id, _text(record["type"]), body, _instant(record["at"])
+                _text(record["runner"]), command_id, _text(record["type"]), body, _instant(record["at"]), kind
             )
         elif op == "done":
             self._forget(command_id, _instant(record.get("at", time.time())))
@@ -239,11 +254,7 @@ class Outbox:
     def _live_lines(self) -> list[bytes]:
         lines = [_line({"op": "sig", "sig": sig, "at": at}) for sig, at in self._signatures.items()]
         lines += [_line({"op": "done", "id": key, "at": at}) for key, at in self._done.items()]
-        lines += [
-            _line({"op": "started", "id": s.command_id, "runner": s.runner_id, "type": s.command_type})
-            for key, s in self._started.items()
-            if key not in self._owed
-        ]
+        lines += [_started_line(s) for key, s in self._started.items() if key not in self._owed]
         lines += [_result_line(entry) for entry in self._owed.values()]
         return lines
 
@@ -311,12 +322,21 @@ class Outbox:
 
     # --- appends ----------------------------------------------------------------------------
 
-    async def started(self, runner_id: str, command_id: str, command_type: str) -> None:
+    async def started(
+        self,
+        runner_id: str,
+        command_id: str,
+        command_type: str,
+        *,
+        kind: Kind = "command",
+        trace_id: str | None = None,
+    ) -> None:
         """Record a claim before the handler runs; :class:`JournalUnavailable` if it cannot be."""
         if self.failure is not None:
             raise JournalUnavailable(self._failure_text())
-        self._started[command_id] = StartedCommand(runner_id, command_id, command_type)
-        line = _line({"op": "started", "id": command_id, "runner": runner_id, "type": command_type})
+        entry = StartedCommand(runner_id, command_id, command_type, kind, trace_id)
+        self._started[command_id] = entry
+        line = _started_line(entry)
         if self._compacting or self._torn:
             # The file is being replaced, or may end in a torn line: the line goes through
             # the buffer, after the swap or behind a fresh newline.
@@ -498,14 +518,35 @@ def _line(record: dict[str, Any]) -> bytes:
     return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
 
+def _kind(value: Any) -> Kind:
+    if value not in _REPORT_MODELS:
+        raise ValueError("unknown kind")
+    return "job" if value == "job" else "command"
+
+
+def _started_line(entry: StartedCommand) -> bytes:
+    record: dict[str, Any] = {
+        "op": "started",
+        "id": entry.command_id,
+        "runner": entry.runner_id,
+        "type": entry.command_type,
+    }
+    if entry.kind != "command":  # a bridge command's line stays as it always was
+        record["kind"] = entry.kind
+    if entry.trace_id is not None:
+        record["trace"] = entry.trace_id
+    return _line(record)
+
+
 def _result_line(entry: OwedResult) -> bytes:
-    return _line(
-        {
-            "op": "result",
-            "id": entry.command_id,
-            "runner": entry.runner_id,
-            "type": entry.command_type,
-            "at": entry.created,
-            "body": entry.body.decode(),
-        }
-    )
+    record: dict[str, Any] = {
+        "op": "result",
+        "id": entry.command_id,
+        "runner": entry.runner_id,
+        "type": entry.command_type,
+        "at": entry.created,
+        "body": entry.body.decode(),
+    }
+    if entry.kind != "command":
+        record["kind"] = entry.kind
+    return _line(record)

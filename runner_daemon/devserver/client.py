@@ -15,11 +15,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from runner_daemon.core.api import PAIRING_PATH, POLL_BYTES_PER_COMMAND, RUNNERS_PATH, RunnerApi, parse_answer
+from runner_daemon.core.api import POLL_BYTES_PER_COMMAND, RUNNERS_PATH, RunnerApi, parse_answer
 from runner_daemon.core.models import (
     CommandRecord,
     DevRunnerCreated,
-    PairingActivation,
     SubmitRequest,
     SubmitResponse,
 )
@@ -27,12 +26,6 @@ from runner_daemon.core.models import (
 
 class DevClient(RunnerApi):
     """The runner's API plus the UI's side of Opik's and the dev server's control routes."""
-
-    async def activate_pairing_session(self, session_id: str, activation: PairingActivation) -> None:
-        """What the user's browser does when the pairing link is opened."""
-        await self._request(
-            "POST", f"{PAIRING_PATH}/{session_id}/activate", content=activation.model_dump_json().encode()
-        )
 
     async def submit_command(
         self,

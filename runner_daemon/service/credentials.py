@@ -20,6 +20,8 @@ from runner_daemon.core.settings import Settings
 from runner_daemon.core.statedir import write_private_file
 
 CREDENTIALS_FILE = "credentials.json"
+# The endpoint runner (jobs): its id only, since an endpoint runner has no bridge key.
+ENDPOINT_FILE = "endpoint-runner.json"
 
 
 @dataclass(frozen=True, repr=False)
@@ -35,7 +37,9 @@ class Credentials:
         return f"Credentials(runner_id={self.runner_id!r}, bridge_key=<{key}>)"
 
 
-def store(directory: Path, credentials: Credentials, project_id: str | None = None) -> Path:
+def store(
+    directory: Path, credentials: Credentials, project_id: str | None = None, *, endpoint: bool = False
+) -> Path:
     """Write the credentials atomically, 0600 in a 0700 folder; returns the file's path."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     directory.chmod(0o700)
@@ -46,14 +50,14 @@ def store(directory: Path, credentials: Credentials, project_id: str | None = No
         "project_id": project_id,
         "paired_at": datetime.now(UTC).isoformat(),
     }
-    target = directory / CREDENTIALS_FILE
+    target = directory / (ENDPOINT_FILE if endpoint else CREDENTIALS_FILE)
     write_private_file(target, json.dumps(document, indent=2).encode())
     return target
 
 
-def load(directory: Path) -> Credentials | None:
+def load(directory: Path, *, endpoint: bool = False) -> Credentials | None:
     """The stored credentials, None when nothing was paired; ``ConfigError`` when unusable."""
-    path = directory / CREDENTIALS_FILE
+    path = directory / (ENDPOINT_FILE if endpoint else CREDENTIALS_FILE)
     try:
         document = json.loads(path.read_bytes())
     except FileNotFoundError:
@@ -93,11 +97,35 @@ def read_key_file(path: Path) -> bytes:
 
 
 def resolve(settings: Settings) -> tuple[Settings, bytes | None]:
-    """The settings with the effective runner id, and the bridge key to verify commands with.
+    """The settings with the effective runner ids, and the bridge key to verify commands with.
 
     A runner id from flags or the environment wins over the stored one; a key file wins over
-    the stored key, which is used only for the runner it was paired for.
+    the stored key, which is used only for the runner it was paired for. Only what an
+    enabled capability needs is required.
     """
+    key: bytes | None = None
+    if settings.bridge.enabled:
+        settings, key = _resolve_bridge(settings)
+    if settings.jobs.enabled and settings.jobs.runner_id is None:
+        stored = load(settings.state_directory, endpoint=True)
+        if stored is None:
+            raise ConfigError(
+                f"jobs.runner_id: not set and no paired endpoint runner in {settings.state_directory}; "
+                "run `runner-daemon pair --type endpoint`, or set RUNNER_DAEMON_JOBS__RUNNER_ID"
+            )
+        jobs = settings.jobs.model_copy(update={"runner_id": _uuid(stored.runner_id)})
+        settings = settings.model_copy(update={"jobs": jobs})
+    return settings, key
+
+
+def _uuid(runner_id: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(runner_id)
+    except ValueError:
+        raise ConfigError(f"credentials: stored runner_id {runner_id!r} is not a UUID; pair again") from None
+
+
+def _resolve_bridge(settings: Settings) -> tuple[Settings, bytes | None]:
     stored = load(settings.state_directory)
     if settings.runner_id is not None:
         runner_id = str(settings.runner_id)
@@ -118,8 +146,4 @@ def resolve(settings: Settings) -> tuple[Settings, bytes | None]:
             "`runner-daemon pair`, set bridge_key_file, or set allow_unsigned_commands = true "
             "(local development only)"
         )
-    try:
-        effective = settings.model_copy(update={"runner_id": uuid.UUID(runner_id)})
-    except ValueError:
-        raise ConfigError(f"credentials: stored runner_id {runner_id!r} is not a UUID; pair again") from None
-    return effective, key
+    return settings.model_copy(update={"runner_id": _uuid(runner_id)}), key

@@ -11,6 +11,7 @@ Over 400 lines on purpose: the phases of one life read top to bottom in one clas
 
 from __future__ import annotations
 
+import functools
 import gc
 import time
 from collections.abc import Awaitable, Callable
@@ -25,12 +26,14 @@ from runner_daemon.bridge.handlers.base import HandlerServices
 from runner_daemon.bridge.loop import BridgeLoop
 from runner_daemon.bridge.stats import LoopStats
 from runner_daemon.core.api import RunnerApi
-from runner_daemon.core.errors import ApiError, Fatal, RunnerGone
+from runner_daemon.core.errors import ApiError, ConfigError, Fatal, RunnerGone
 from runner_daemon.core.liveness import Liveness
-from runner_daemon.core.models import BRIDGE_CAPABILITY
+from runner_daemon.core.models import BRIDGE_CAPABILITY, JOBS_CAPABILITY
 from runner_daemon.core.outbox import Outbox
 from runner_daemon.core.retry import Backoff, retrying
 from runner_daemon.core.settings import Settings
+from runner_daemon.jobs.loop import JobsLoop
+from runner_daemon.jobs.stats import JobStats
 from runner_daemon.service.lifecycle import ExitStatus, Lifecycle, Phase
 from runner_daemon.service.notify import Notifier
 from runner_daemon.system.sandbox import SandboxPolicy
@@ -43,6 +46,7 @@ OUTAGE_SUMMARY_SECONDS = 300.0
 LOOP_STALL_SLACK_SECONDS = 15.0
 
 CAPABILITIES = [BRIDGE_CAPABILITY]
+JOBS_CAPABILITIES = [JOBS_CAPABILITY]
 # Declared from a stop on: a non-empty list without "bridge" replaces the stored one, so the
 # server refuses new submissions (409) and a held poll may then be closed without losing one.
 DRAINING_CAPABILITIES = ["draining"]
@@ -114,8 +118,14 @@ class Daemon:
         sandbox: SandboxPolicy | None = None,
         notifier: Notifier | None = None,
     ) -> None:
-        if settings.runner_id is None:
-            raise ValueError("the daemon needs a runner_id")
+        if not (settings.bridge.enabled or settings.jobs.enabled):
+            raise ConfigError("bridge.enabled, jobs.enabled: at least one capability must be on")
+        if settings.bridge.enabled and settings.runner_id is None:
+            raise ConfigError("runner_id: the bridge needs a paired runner (runner-daemon pair)")
+        if settings.jobs.enabled and settings.jobs.runner_id is None:
+            raise ConfigError(
+                "jobs.runner_id: jobs need a paired endpoint runner (runner-daemon pair --type endpoint)"
+            )
         self._settings = settings
         self._registry = registry
         self._bridge_key = bridge_key
@@ -129,6 +139,9 @@ class Daemon:
         self._api: RunnerApi | None = None
         self._outbox: Outbox | None = None
         self._loop: BridgeLoop | None = None
+        self._jobs: JobsLoop | None = None
+        self.job_stats = JobStats()
+        self.jobs_liveness = Liveness(last_contact=None)
         self._services: TaskGroup | None = None  # the daemon's own tasks, while it runs
         self._withdrawal = anyio.Event()  # the stop's "no more bridge commands" heartbeat ended
         self._withdrawn = False  # ... and Opik took it
@@ -160,8 +173,15 @@ class Daemon:
         return self.lifecycle.stopping
 
     @property
+    def jobs(self) -> JobsLoop:
+        if self._jobs is None:
+            raise RuntimeError("the daemon serves no jobs (or has not opened its loop yet)")
+        return self._jobs
+
+    @property
     def in_flight(self) -> int:
-        return 0 if self._loop is None else self._loop.in_flight
+        loops: list[BridgeLoop | JobsLoop | None] = [self._loop, self._jobs]
+        return sum(loop.in_flight for loop in loops if loop is not None)
 
     # --- control, called from the CLI's signal handling ---------------------------------
 
@@ -182,6 +202,8 @@ class Daemon:
         # takes no more bridge commands: then it is closed after a short wait.
         if self._loop is not None:
             self._loop.stop_polling(poll_grace=grace)
+        if self._jobs is not None:
+            self._jobs.stop_polling(poll_grace=grace)
         if self._services is not None:
             self._services.start_soon(self._withdraw_bridge)
         if self._startup_scope is not None:
@@ -239,16 +261,26 @@ class Daemon:
         services = HandlerServices(bridge_key=self._bridge_key, sandbox=self._sandbox)
         # Background processes die with the daemon, even on a forced exit.
         resources.push_async_callback(_close_shielded, services.aclose)
-        self._loop = BridgeLoop(
-            self._settings,
-            api,
-            self._registry,
-            self.stats,
-            outbox,
-            services=services,
-            liveness=self.liveness,
-            bridge_key=self._bridge_key,
-        )
+        if self._settings.bridge.enabled:
+            self._loop = BridgeLoop(
+                self._settings,
+                api,
+                self._registry,
+                self.stats,
+                outbox,
+                services=services,
+                liveness=self.liveness,
+                bridge_key=self._bridge_key,
+            )
+        if self._settings.jobs.enabled:
+            self._jobs = JobsLoop(
+                self._settings,
+                api,
+                outbox,
+                stats=self.job_stats,
+                liveness=self.jobs_liveness,
+                sandbox=self._sandbox,
+            )
         return api
 
     async def _start_health(self, group: TaskGroup) -> bool:
@@ -266,15 +298,26 @@ class Daemon:
         return True
 
     async def _startup(self, api: RunnerApi) -> bool:
-        """Send the first heartbeat (it declares the bridge capability) before any poll."""
+        """The first heartbeat of each runner (it declares the capability) before any poll.
+
+        A runner that is gone already drops its capability (:meth:`_lost`); the daemon goes on
+        with the other one, if there is one.
+        """
         if self.lifecycle.stopping:
             return False
         outage = _Outage(self._settings.url)
         backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
         with anyio.CancelScope() as self._startup_scope:
-            await retrying(lambda: api.heartbeat(self._runner_id, CAPABILITIES), backoff, outage.note)
+            for runner_id, capabilities, liveness in self._runners():
+                try:
+                    await retrying(
+                        functools.partial(api.heartbeat, runner_id, capabilities), backoff, outage.note
+                    )
+                except RunnerGone as exc:
+                    self._lost(capabilities[0], exc)
+                else:
+                    liveness.contact()
             outage.ended()
-            self.liveness.contact()
             # What start-up built lives as long as the daemon: out of the collector's sight, a
             # full collection takes microseconds instead of 10-20 ms (the latency tail of
             # whichever command it lands on).
@@ -283,35 +326,92 @@ class Daemon:
             return True
         return False
 
+    def _runners(self) -> list[tuple[str, list[str], Liveness]]:
+        runners = []
+        if self._loop is not None:
+            runners.append((self._runner_id, CAPABILITIES, self.liveness))
+        if self._jobs is not None:
+            runners.append((self._jobs.runner_id, JOBS_CAPABILITIES, self.jobs_liveness))
+        return runners
+
+    def _lost(self, capability: str, error: Fatal) -> None:
+        """One runner is gone: its capability stops; the daemon ends only when none is left."""
+        if capability == BRIDGE_CAPABILITY:
+            self._loop = None
+        else:
+            self._jobs = None
+        if self._loop is None and self._jobs is None:
+            raise error
+        self.lifecycle.lose(error)
+        log.error(
+            f"the {capability} runner is no longer connected to Opik; that capability stops, the "
+            "other goes on. Pair it again (`runner-daemon pair"
+            + (" --type endpoint" if capability != BRIDGE_CAPABILITY else "")
+            + "`) and restart runner-daemon",
+            error=str(error),
+        )
+
     async def _main(self, api: RunnerApi) -> None:
-        loop = self.loop
         async with anyio.create_task_group() as services:
             self._services = services
-            services.start_soon(self._heartbeat_loop, api)
             services.start_soon(self._supervise)
-            async with anyio.create_task_group() as work:
-                self.lifecycle.advance(Phase.RUNNING)
-                log.info(
-                    "runner connected; waiting for bridge commands",
-                    runner_id=self._runner_id,
-                    url=self._settings.url,
-                    workspace_root=str(self._settings.workspace_root),
-                    max_concurrency=self._settings.max_concurrency,
-                )
-                await loop.recover(work)
-                await loop.run(work)
-                self.lifecycle.advance(Phase.DRAINING)
-                # What was submitted before Opik took the withdrawal in is still pending:
-                # answer it now (cancelled, not run) rather than leave it to time out.
-                with anyio.move_on_after(self._settings.request_timeout_seconds):
-                    await self._withdrawal.wait()
-                if self._withdrawn:
-                    await loop.sweep(SWEEP_WAIT_SECONDS, work)
-                # Heartbeats go on while draining: the server must still see us alive.
-                # One grace period from the stop request, the open poll's wait included.
-                await loop.drain(self.lifecycle.drain_time_left(self._settings.shutdown_grace_seconds), work)
+            self.lifecycle.advance(Phase.RUNNING)
+            async with anyio.create_task_group() as capabilities:
+                if self._loop is not None:
+                    capabilities.start_soon(self._serve_bridge, api, self._loop)
+                if self._jobs is not None:
+                    capabilities.start_soon(self._serve_jobs, self._jobs)
             services.cancel_scope.cancel()
         self._services = None
+
+    async def _serve_bridge(self, api: RunnerApi, loop: BridgeLoop) -> None:
+        try:
+            async with anyio.create_task_group() as beats:
+                beats.start_soon(self._heartbeat_loop, api)
+                async with anyio.create_task_group() as work:
+                    log.info(
+                        "runner connected; waiting for bridge commands",
+                        runner_id=self._runner_id,
+                        url=self._settings.url,
+                        workspace_root=str(self._settings.workspace_root),
+                        max_concurrency=self._settings.max_concurrency,
+                    )
+                    await loop.recover(work)
+                    await loop.run(work)
+                    self.lifecycle.advance(Phase.DRAINING)
+                    # What was submitted before Opik took the withdrawal in is still pending:
+                    # answer it now (cancelled, not run) rather than leave it to time out.
+                    with anyio.move_on_after(self._settings.request_timeout_seconds):
+                        await self._withdrawal.wait()
+                    if self._withdrawn:
+                        await loop.sweep(SWEEP_WAIT_SECONDS, work)
+                    # Heartbeats go on while draining: the server must still see us alive.
+                    # One grace period from the stop request, the open poll's wait included.
+                    grace = self.lifecycle.drain_time_left(self._settings.shutdown_grace_seconds)
+                    await loop.drain(grace, work)
+                beats.cancel_scope.cancel()
+        except* RunnerGone as group:
+            self._lost(BRIDGE_CAPABILITY, _first_fatal(group))
+
+    async def _serve_jobs(self, jobs: JobsLoop) -> None:
+        try:
+            async with anyio.create_task_group() as beats:
+                beats.start_soon(jobs.heartbeats)
+                beats.start_soon(jobs.keep_agents_published)
+                async with anyio.create_task_group() as work:
+                    log.info(
+                        "endpoint runner connected; waiting for jobs",
+                        runner_id=jobs.runner_id,
+                        max_jobs=self._settings.jobs.max_jobs,
+                    )
+                    await jobs.recover(work)
+                    await jobs.run(work)
+                    self.lifecycle.advance(Phase.DRAINING)
+                    grace = self.lifecycle.drain_time_left(self._settings.shutdown_grace_seconds)
+                    await jobs.drain(grace, work)
+                beats.cancel_scope.cancel()
+        except* RunnerGone as group:
+            self._lost(JOBS_CAPABILITY, _first_fatal(group))
 
     async def _withdraw_bridge(self) -> None:
         """Tell Opik this runner takes no more commands, then close the open poll soon after."""
@@ -407,7 +507,7 @@ class Daemon:
 
     def seconds_since_contact(self) -> float:
         """Since the server last answered a heartbeat or a poll (infinite before it ever did)."""
-        return self.liveness.seconds_since_contact()
+        return min(self.liveness.seconds_since_contact(), self.jobs_liveness.seconds_since_contact())
 
     def healthy(self) -> bool:
         """Alive and its loop moving (or parked for a free slot, which is healthy too)."""
@@ -415,7 +515,10 @@ class Daemon:
             return True
         if self.state is Phase.STOPPED:
             return False
-        return self.liveness.moving(self._settings.poll_timeout_seconds + LOOP_STALL_SLACK_SECONDS)
+        stuck_after = self._settings.poll_timeout_seconds + LOOP_STALL_SLACK_SECONDS
+        moving = [self.liveness.moving(stuck_after)] if self._loop is not None else []
+        moving += [self.jobs_liveness.moving(stuck_after)] if self._jobs is not None else []
+        return all(moving)
 
     def ready(self) -> bool:
         """Connected to the server, polling, not draining."""
@@ -429,6 +532,9 @@ class Daemon:
         line = f"{state}: {stats.completed + stats.failed} commands run, {self.in_flight} in flight"
         if not self.contact_fresh():
             line += "; server not answering"
+        if self._jobs is not None:
+            jobs = self.job_stats
+            line += f"; {jobs.completed + jobs.failed} jobs run, {self._jobs.in_flight} running"
         if stats.last_error and stats.last_error_at > (self.liveness.last_contact or 0.0):
             line += f"; last error: {stats.last_error[:120]}"
         return line

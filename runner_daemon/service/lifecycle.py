@@ -48,6 +48,7 @@ class Lifecycle:
         self.drain_deadline: float | None = None  # on anyio's clock, for a graceful stop
         self.error: Fatal | None = None  # the server will not serve this runner again
         self.forced_by: int | None = None  # the signal that forced an exit
+        self.lost: list[Fatal] = []  # runners gone while another capability went on
 
     @property
     def stopping(self) -> bool:
@@ -77,6 +78,10 @@ class Lifecycle:
         self.stop_reason = "Opik refused this runner" if isinstance(error, Unauthorized) else "runner gone"
         return True
 
+    def lose(self, error: Fatal) -> None:
+        """One capability's runner is gone; the daemon goes on, and ends with 69 when it ends."""
+        self.lost.append(error)
+
     def force(self, signum: int) -> None:
         self.forced_by = signum
 
@@ -93,4 +98,6 @@ class Lifecycle:
             return ExitStatus.DISCONNECTED
         if isinstance(self.error, Unauthorized):
             return ExitStatus.UNAUTHORIZED
+        if self.lost:
+            return ExitStatus.DISCONNECTED
         return ExitStatus.OK

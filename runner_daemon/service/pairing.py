@@ -1,9 +1,12 @@
-"""Pairing a connect runner: the link for the user's browser, the wait, the bridge key.
+"""Pairing a runner: the link for the user's browser, the wait, the bridge key.
 
 The runner makes a random activation key, registers a pairing session with it, and shows
 the user a link whose fragment (never sent to a server by a browser) carries the session,
 the key, the project and the runner's name. The browser activates the session; the runner
 sees its runner become ``connected`` and derives the bridge key from the activation key.
+
+An endpoint runner (jobs) is paired headless, as ``opik endpoint --headless`` does: the
+runner activates its own session with the browser's HMAC; no link, no bridge key.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import urllib.parse
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import anyio
 
@@ -26,7 +30,8 @@ from runner_daemon.core.errors import PairingExpired, RetryableError, RunnerGone
 from runner_daemon.core.models import PairingActivation, PairingSessionRequest
 
 POLL_INTERVAL_SECONDS = 2.0
-CONNECT_TYPE_BYTE = 0x00
+RunnerType = Literal["connect", "endpoint"]
+TYPE_BYTES: dict[RunnerType, int] = {"connect": 0x00, "endpoint": 0x01}
 MAX_NAME_CHARS = 128
 MAX_NAME_BYTES = 255
 
@@ -61,6 +66,7 @@ def pairing_link(
     project_name: str,
     runner_name: str,
     workspace: str | None,
+    runner_type: RunnerType = "connect",
 ) -> str:
     """The link to Opik's pairing page, with the secret part in the fragment."""
     name = runner_name.encode()
@@ -70,7 +76,7 @@ def pairing_link(
         + uuid.UUID(project_id).bytes
         + bytes([len(name)])
         + name
-        + bytes([CONNECT_TYPE_BYTE])
+        + bytes([TYPE_BYTES[runner_type]])
     )
     fragment = base64.urlsafe_b64encode(payload).rstrip(b"=").decode()
     parsed = urllib.parse.urlsplit(api_url)
@@ -118,6 +124,7 @@ async def start_pairing(
     runner_name: str,
     workspace: str | None,
     ttl_seconds: int,
+    runner_type: RunnerType = "connect",
 ) -> PendingPairing:
     check_runner_name(runner_name)
     activation_key = secrets.token_bytes(32)
@@ -125,6 +132,7 @@ async def start_pairing(
         PairingSessionRequest(
             project_id=project_id,
             activation_key=base64.b64encode(activation_key).decode(),
+            type=runner_type,
             ttl_seconds=ttl_seconds,
         )
     )
@@ -136,6 +144,7 @@ async def start_pairing(
         project_name=project_name,
         runner_name=runner_name,
         workspace=workspace,
+        runner_type=runner_type,
     )
     return PendingPairing(session.session_id, session.runner_id, project_id, activation_key, link)
 
@@ -160,3 +169,32 @@ async def wait_until_connected(
                 return derive_bridge_key(pending.activation_key, pending.session_id)
         await anyio.sleep(min(poll_interval, max(remaining, 0)))
     raise PairingExpired(f"pairing expired after {ttl_seconds:g}s: the link was not opened in time")
+
+
+async def pair_headless(
+    api: RunnerApi,
+    api_url: str,
+    *,
+    project_id: str,
+    runner_name: str,
+    workspace: str | None,
+    ttl_seconds: int,
+) -> PendingPairing:
+    """Pair an endpoint runner without a browser: the runner activates its own session.
+
+    Opik refuses this for a connect runner (whose bridge key must come from a browser the
+    user is signed in to); an endpoint runner derives no key, so nothing is lost.
+    """
+    pending = await start_pairing(
+        api,
+        api_url,
+        project_id=project_id,
+        project_name=project_id,
+        runner_name=runner_name,
+        workspace=workspace,
+        ttl_seconds=ttl_seconds,
+        runner_type="endpoint",
+    )
+    session_id, activation = approve(pending.link)
+    await api.activate_pairing_session(session_id, activation)
+    return pending
