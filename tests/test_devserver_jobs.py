@@ -541,3 +541,32 @@ async def test_opiks_own_sdk_logs_a_trace_to_the_dev_server(
 
 async def _status_is(api: DevClient, job_id: str, status: str) -> bool:
     return (await api.get_job(job_id)).status == status
+
+
+async def test_a_restart_keeps_jobs_logs_agents_and_checklist(tmp_path: Path) -> None:
+    """What an outage test needs: stop the server mid-job, start it again, the job is there."""
+    state_file = tmp_path / "devserver.json"
+    config = DevServerConfig(jobs_poll_hold_seconds=0.1)
+    with DevServer(config=config, state_file=state_file) as server:
+        port = server.port
+        async with DevClient(server.url) as api:
+            runner_id, project = await endpoint_runner(api)
+            await api.patch_checklist(runner_id, {"runner_type": "endpoint"})
+            running = await api.create_job(project, "echo", {"text": "hi"})
+            pending = await api.create_job(project, "echo")
+            await api.next_job(runner_id)
+            await api.post_job_logs(running, [LogEntry(stream="stdout", text="line")])
+            await api.cancel_job(running)  # its id waits for the next heartbeat
+            before = [await api.get_job(job_id) for job_id in (running, pending)]
+    with DevServer(port=port, config=config, state_file=state_file) as server:
+        async with DevClient(server.url) as api:
+            assert [await api.get_job(job_id) for job_id in (running, pending)] == before
+            assert [entry.text for entry in await api.job_logs(running)] == ["line"]
+            assert (await api.heartbeat(runner_id, ["jobs"])).cancelled_job_ids == [running]
+            runner = await api.get_runner(runner_id)
+            assert ([a.name for a in runner.agents], runner.checklist) == (
+                ["echo"],
+                {"runner_type": "endpoint"},
+            )
+            job = await api.next_job(runner_id)
+            assert job is not None and job.id == pending
