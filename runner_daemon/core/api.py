@@ -154,7 +154,9 @@ class RunnerApi:
         connect_timeout: float = 5.0,
         poll_timeout: float = 45.0,
         max_connections: int = 16,
+        keep_headers: Sequence[str] = (),
     ) -> None:
+        """``keep_headers``: answer headers to keep besides the rate limit's (the UI's ``Location``)."""
         headers = {"User-Agent": f"runner-daemon/{__version__}", "Accept": "application/json"}
         if api_key:
             headers["Authorization"] = header_value(api_key, spaces=False)
@@ -166,7 +168,7 @@ class RunnerApi:
             base_url,
             headers=headers,
             secrets=[api_key] if api_key else [],
-            keep_headers=RETRY_AFTER_HEADERS,
+            keep_headers=(*RETRY_AFTER_HEADERS, *keep_headers),
             request_timeout=request_timeout,
             connect_timeout=connect_timeout,
             max_connections=max_connections,

@@ -116,6 +116,8 @@ class Runner(_Wire):
     connected_at: datetime | None = None
     type: str | None = None
     capabilities: list[str] = Field(default_factory=list)
+    agents: list[Agent] = Field(default_factory=list)  # each named; listed only while connected
+    checklist: dict[str, Any] | None = None
 
 
 class DevRunnerCreated(_Wire):
@@ -151,8 +153,12 @@ class AgentParam(_Wire):
 
 
 class Agent(_Wire):
-    """One entry of ``PUT {runnerId}/agents`` (the map's key is the agent's name)."""
+    """One entry of ``PUT {runnerId}/agents`` (the map's key is the agent's name).
 
+    ``name`` is left out when registering (the key names it) and set on read-back.
+    """
+
+    name: str | None = None
     description: str | None = None
     language: str | None = None
     executable: str | None = None

@@ -10,6 +10,7 @@ import base64
 import contextlib
 import json
 import time
+import uuid
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -24,6 +25,7 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from runner_daemon.core.errors import describe_validation_error
 from runner_daemon.devserver.faults import Action, FaultMiddleware, FaultProfile, mark_reset
+from runner_daemon.devserver.jobs_routes import jobs_routes
 from runner_daemon.devserver.malformed import ANSWER_KINDS, MALFORMED_KINDS, malformed_answer
 from runner_daemon.devserver.records import DEFAULT_WORKSPACE, ApiFailure, DevServerConfig, Fault
 from runner_daemon.devserver.state import DevState
@@ -154,8 +156,8 @@ def build_app(state: DevState) -> Starlette:
             )
         ):
             raise ApiFailure(400, "capabilities must be names matching [a-z_]+")
-        state.heartbeat(request.path_params["runner_id"], _workspace(request), capabilities)
-        return JSONResponse({"cancelled_job_ids": []})
+        cancelled = state.heartbeat(request.path_params["runner_id"], _workspace(request), capabilities)
+        return JSONResponse({"cancelled_job_ids": cancelled})
 
     async def submit(request: Request) -> Response:
         runner_id = owned(request)
@@ -261,7 +263,16 @@ def build_app(state: DevState) -> Starlette:
         except (ValueError, TypeError):
             raise ApiFailure(400, "bridge_key must be base64") from None
         name = name if isinstance(name, str) and name else "dev-runner"
-        runner = state.create_runner(name, bridge_key=key, workspace=_workspace(request))
+        runner_type, project_id = body.get("type", "connect"), body.get("project_id")
+        if runner_type not in ("connect", "endpoint"):
+            raise ApiFailure(400, "type must be connect or endpoint")
+        try:
+            project_id = str(uuid.UUID(project_id)) if project_id is not None else None
+        except (ValueError, TypeError, AttributeError):
+            raise ApiFailure(400, "project_id must be a UUID") from None
+        runner = state.create_runner(
+            name, bridge_key=key, project_id=project_id, workspace=_workspace(request), type=runner_type
+        )
         return JSONResponse({"runner_id": runner.id}, status_code=201)
 
     async def dev_stats(request: Request) -> Response:
@@ -338,6 +349,7 @@ def build_app(state: DevState) -> Starlette:
         return JSONResponse([command.as_dev_record() for command in commands])
 
     routes: list[BaseRoute] = [
+        *jobs_routes(state, route, _json_body, owned, _workspace),
         Route(RUNNER, route(None, get_runner, profile_name="runner"), methods=["GET"]),
         Route(RUNNER, route(None, delete_runner, profile_name="runner"), methods=["DELETE"]),
         Route(f"{RUNNER}/heartbeats", route("heartbeat", heartbeat), methods=["POST"]),
@@ -372,12 +384,13 @@ def build_app(state: DevState) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with anyio.create_task_group() as tg:
 
-            async def reaper() -> None:
+            async def reaper(interval: float, reap: Callable[[], None]) -> None:
                 while True:
-                    await anyio.sleep(config.reaper_interval_seconds)
-                    state.reap()
+                    await anyio.sleep(interval)
+                    reap()
 
-            tg.start_soon(reaper)
+            tg.start_soon(reaper, config.reaper_interval_seconds, state.reap)
+            tg.start_soon(reaper, config.job_reaper_interval_seconds, state.jobs.reap)
             yield
             tg.cancel_scope.cancel()
 

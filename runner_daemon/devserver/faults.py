@@ -30,10 +30,30 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-# The names ``route(name, handler)`` gives the Opik routes in app.py; ``runner`` is GET/DELETE
-# of a runner and ``command`` a GET of a command (those two are not in the fault queue).
-ROUTE_NAMES = ("heartbeat", "poll", "report", "submit", "pairing", "runner", "command")
-RUNNER_ROUTES = ("heartbeat", "poll", "report")
+# The names ``route(name, handler)`` gives the Opik routes in app.py and jobs_routes.py;
+# ``runner`` is GET/DELETE of a runner, ``command`` a GET of a command and ``job`` the UI's
+# reads of jobs and their logs (those three are not in the fault queue); ``traces`` is what
+# Opik's SDK posts from inside an agent.
+ROUTE_NAMES = (
+    "heartbeat",
+    "poll",
+    "report",
+    "submit",
+    "pairing",
+    "runner",
+    "command",
+    "jobs",
+    "job",
+    "jobs_next",
+    "job_report",
+    "job_logs",
+    "job_cancel",
+    "agents",
+    "checklist",
+    "traces",
+)
+# What a runner calls (the bridge's, then the jobs'): a profile's default.
+RUNNER_ROUTES = ("heartbeat", "poll", "report", "jobs_next", "job_report", "job_logs", "agents", "checklist")
 FAULT_SCOPE_KEY = "runner_daemon.devserver.fault"
 
 

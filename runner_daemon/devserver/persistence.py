@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from runner_daemon.core.statedir import write_private_file
+from runner_daemon.devserver.jobs import JobRecord
 from runner_daemon.devserver.records import (
     DEFAULT_WORKSPACE,
     TERMINAL,
@@ -70,8 +71,21 @@ def snapshot(state: DevState) -> dict[str, Any]:
             "submit_times": [clocks.to_wall(t) for t in r.submit_times],
             "write_times": [clocks.to_wall(t) for t in r.write_times],
             "counters": r.counters.as_dict(),
+            "agents": r.agents,
+            "checklist": r.checklist,
+            "cancelled_jobs": r.cancelled_jobs,
+            "expired_jobs": r.expired_jobs,
         }
         for r in state.runners.values()
+    ]
+    jobs = [
+        {
+            **{k: v for k, v in j.__dict__.items() if not k.endswith("_mono")},
+            "created_wall": clocks.to_wall(j.created_mono),
+            "started_wall": clocks.to_wall(j.started_mono),
+            "finished_wall": clocks.to_wall(j.finished_mono),
+        }
+        for j in state.jobs.jobs.values()
     ]
     commands = [
         {
@@ -99,6 +113,7 @@ def snapshot(state: DevState) -> dict[str, Any]:
         "saved_at": now_iso(),
         "runners": runners,
         "commands": commands,
+        "jobs": jobs,
         "pairings": pairings,
         "queued_faults": [dict(f.__dict__) for f in state.faults],
         "injector": state.injector.snapshot(),
@@ -131,6 +146,10 @@ def restore(state: DevState, data: dict[str, Any]) -> None:
         runner.write_times.extend(t for t in map(clocks.to_mono, item["write_times"]) if t is not None)
         known = RunnerCounters.__dataclass_fields__
         runner.counters = RunnerCounters(**{k: v for k, v in item["counters"].items() if k in known})
+        runner.agents = item.get("agents", {})
+        runner.checklist = item.get("checklist")
+        runner.cancelled_jobs = item.get("cancelled_jobs", [])
+        runner.expired_jobs = item.get("expired_jobs", 0)
         state.runners[runner.id] = runner
     for item in data["commands"]:
         fields = {k: v for k, v in item.items() if k in Command.__dataclass_fields__}
@@ -144,6 +163,16 @@ def restore(state: DevState, data: dict[str, Any]) -> None:
         if command.status in TERMINAL:
             command.done.set()
         state.commands[command.id] = command
+    for item in data.get("jobs", []):
+        fields = {k: v for k, v in item.items() if k in JobRecord.__dataclass_fields__}
+        created = clocks.to_mono(item["created_wall"])
+        job = JobRecord(
+            **fields,
+            created_mono=created if created is not None else clocks.mono,
+            started_mono=clocks.to_mono(item["started_wall"]),
+            finished_mono=clocks.to_mono(item["finished_wall"]),
+        )
+        state.jobs.jobs[job.id] = job
     for item in data["pairings"]:
         expires = clocks.to_mono(item["expires_wall"])
         key = _unb64(item["activation_key"])

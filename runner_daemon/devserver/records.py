@@ -36,6 +36,20 @@ class DevServerConfig:
     default_max_commands: int = 10
     max_max_commands: int = 20
     wait_default_seconds: int = 30
+    # Jobs (JOBS.md "Opik server defaults").
+    jobs_poll_hold_seconds: float = 10.0
+    jobs_next_answers_204: bool = False  # an older Opik: 204 and no body when no job came
+    job_default_timeout_seconds: int = 1800
+    job_reaper_interval_seconds: float = 60.0
+    finished_job_ttl_seconds: float = 7 * 86_400.0
+    max_pending_jobs: int = 100
+    max_agents: int = 50
+    max_log_entries: int = 1000
+    checklist_cap_chars: int = 1_048_576
+    checklist_merge_depth: int = 10
+    # The SDK's traces and spans, kept for ``GET /dev/traces/{id}`` (the oldest go first).
+    max_traces: int = 1000
+    max_spans_per_trace: int = 1000
 
     @property
     def max_body_bytes(self) -> int:
@@ -102,7 +116,12 @@ class Runner:
     visible: bool = True  # False while its pairing session waits for the browser
     bridge_key: bytes | None = None  # known when the dev server played the browser's part
     workspace: str = DEFAULT_WORKSPACE  # the owner: every other workspace gets 404 (410 on heartbeat)
-    type: str = "connect"
+    type: str = "connect"  # "endpoint" runners get jobs, "connect" runners bridge commands
+    agents: dict[str, dict[str, Any]] = field(default_factory=dict)  # as PUT, key -> agent
+    checklist: dict[str, Any] | None = None
+    cancelled_jobs: list[str] = field(default_factory=list)  # for the next heartbeat, then cleared
+    expired_jobs: int = 0  # counted by a list without project_id, as Opik's total does
+    jobs_queued: Signal = field(default_factory=Signal)
     submitted: Signal = field(default_factory=Signal)
     submit_times: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
     write_times: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))

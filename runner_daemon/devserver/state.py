@@ -20,6 +20,7 @@ import anyio
 
 from runner_daemon.bridge.signing import HMAC_FIELD, derive_bridge_key, sign
 from runner_daemon.devserver.faults import FaultInjector
+from runner_daemon.devserver.jobs import JobBook
 from runner_daemon.devserver.records import (
     DEFAULT_WORKSPACE,
     TERMINAL,
@@ -32,6 +33,7 @@ from runner_daemon.devserver.records import (
     Runner,
     now_iso,
 )
+from runner_daemon.devserver.traces import TraceStore
 from runner_daemon.service.pairing import activation_hmac
 
 
@@ -44,6 +46,8 @@ class DevState:
         self.faults: deque[Fault] = deque(maxlen=1000)
         self.pairings: dict[str, PairingSession] = {}
         self.injector = FaultInjector(clock)
+        self.jobs = JobBook(config, self.runners, self.alive, clock)
+        self.traces = TraceStore(config.max_traces, config.max_spans_per_trace)
         # Set when the server stops: held polls and waits answer at once instead of holding.
         self.closed = anyio.Event()
 
@@ -61,7 +65,9 @@ class DevState:
         bridge_key: bytes | None = None,
         project_id: str | None = None,
         workspace: str = DEFAULT_WORKSPACE,
+        type: str = "connect",
     ) -> Runner:
+        """A runner, evicting the older one of its type for the same project and workspace."""
         runner = Runner(
             id=str(uuid.uuid4()),
             name=name,
@@ -69,9 +75,22 @@ class DevState:
             created_at=now_iso(),
             bridge_key=bridge_key,
             workspace=workspace,
+            type=type,
         )
         self.runners[runner.id] = runner
+        self._evict_older(runner)
         return runner
+
+    def _evict_older(self, runner: Runner) -> None:
+        """As Opik does: a runner evicts the one of its type before it, never the other type."""
+        for older in list(self.runners.values()):
+            if (
+                older is not runner
+                and older.visible
+                and (older.type, older.project_id, older.workspace)
+                == (runner.type, runner.project_id, runner.workspace)
+            ):
+                self.remove_runner(older.id)
 
     # --- pairing ------------------------------------------------------------------------
 
@@ -88,8 +107,16 @@ class DevState:
             raise ApiFailure(400, "activation_key must be 32 bytes and type connect or endpoint")
         if not isinstance(ttl, int) or not 60 <= ttl <= 600:
             raise ApiFailure(400, "ttl_seconds must be between 60 and 600")
-        runner = self.create_runner("pairing", project_id=project_id, workspace=workspace)
-        runner.visible, runner.type = False, body["type"]
+        runner = Runner(
+            id=str(uuid.uuid4()),
+            name="pairing",
+            project_id=project_id,
+            created_at=now_iso(),
+            workspace=workspace,
+            type=body["type"],
+            visible=False,
+        )
+        self.runners[runner.id] = runner
         session = PairingSession(
             str(uuid.uuid4()), runner.id, project_id, activation_key, self._clock() + ttl, type=body["type"]
         )
@@ -115,22 +142,13 @@ class DevState:
         runner = self.runners[session.runner_id]
         if workspace is not None:
             runner.workspace = workspace
-        for older in list(self.runners.values()):
-            if (
-                older is not runner
-                and older.visible
-                and (older.type, older.project_id, older.workspace)
-                == (
-                    runner.type,
-                    runner.project_id,
-                    runner.workspace,
-                )
-            ):
-                self.remove_runner(older.id)
+        self._evict_older(runner)
         runner.name, runner.visible = name, True
         runner.last_heartbeat, runner.connected_at = self._clock(), now_iso()
-        # The browser keeps the bridge key to sign commands; the dev server plays that part.
-        runner.bridge_key = derive_bridge_key(session.activation_key, session_id)
+        if session.type == "connect":
+            # The browser keeps the bridge key to sign commands; the dev server plays that part.
+            # An endpoint pairing (often headless, activated by the runner itself) derives none.
+            runner.bridge_key = derive_bridge_key(session.activation_key, session_id)
         return runner
 
     def runner(self, runner_id: str) -> Runner:
@@ -153,20 +171,25 @@ class DevState:
         )
 
     def runner_view(self, runner: Runner) -> dict[str, Any]:
-        return {
+        """As Opik's GET: the agents (named by their keys) only while the runner is connected."""
+        alive = self.alive(runner)
+        view = {
             "id": runner.id,
             "name": runner.name,
             "project_id": runner.project_id,
-            "status": "connected" if self.alive(runner) else "disconnected",
+            "status": "connected" if alive else "disconnected",
             "connected_at": runner.connected_at,
             "type": runner.type,
             "capabilities": runner.capabilities if runner.capabilities is not None else ["jobs"],
-            "agents": [],
-            "checklist": {},
+            "agents": list(runner.agents.values()) if alive else [],
+            "checklist": runner.checklist,
         }
+        return {key: value for key, value in view.items() if value is not None}
 
-    def heartbeat(self, runner_id: str, workspace: str, capabilities: list[str] | None) -> None:
+    def heartbeat(self, runner_id: str, workspace: str, capabilities: list[str] | None) -> list[str]:
         """Refresh the alive mark; a non-empty list replaces the capabilities, else they stay.
+
+        Returns the ids of the runner's jobs cancelled while running, each to one beat only.
 
         410 whenever ``workspace`` does not own a live record of the runner: never 404.
         """
@@ -181,6 +204,7 @@ class DevState:
         runner.last_heartbeat = self._clock()
         if capabilities:
             runner.capabilities = list(capabilities)
+        return self.jobs.take_cancelled(runner)
 
     def remove_runner(self, runner_id: str) -> None:
         """DELETE (or eviction): fail every open command, then answer 404 (410 to heartbeats)."""
@@ -191,7 +215,9 @@ class DevState:
         for command in self.commands.values():
             if command.runner_id == runner_id and command.status not in TERMINAL:
                 self._finish(command, "timed_out")
+        self.jobs.runner_gone(runner_id)
         runner.submitted.notify()
+        runner.jobs_queued.notify()
 
     # --- commands -----------------------------------------------------------------------
 
@@ -345,6 +371,7 @@ class DevState:
         self.closed.set()
         for runner in self.runners.values():
             runner.submitted.notify()
+            runner.jobs_queued.notify()
 
     # --- faults (dev only) --------------------------------------------------------------
 
