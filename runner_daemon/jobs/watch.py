@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import anyio
 
@@ -38,15 +38,16 @@ def fingerprint(settings: Settings) -> bytes:
                 info = os.stat(entry.name, dir_fd=entry.folder_fd, follow_symlinks=False)
             except OSError:
                 continue  # gone since it was listed: the next scan sees it gone
-            digest.update(
-                f"{entry.relative}\0{info.st_size}\0{info.st_mtime_ns}\n".encode("utf-8", "surrogateescape")
+            stamp = (
+                f"{entry.relative}\0{info.st_ino}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_ctime_ns}\n"
             )
+            digest.update(stamp.encode("utf-8", "surrogateescape"))
     return digest.digest()
 
 
-async def watch_agents(settings: Settings, *, interval: float = 2.0) -> AsyncIterator[AgentsFound]:
+async def watch_agents(settings: Settings, *, interval: float = 2.0) -> AsyncGenerator[AgentsFound, None]:
     """The agents at once, then again each time the set changes (checked every ``interval``
-    seconds): ``async for found in watch_agents(settings): publish(found)``.
+    seconds): ``async with aclosing(watch_agents(settings)) as sets: async for found in sets: …``.
 
     A change is seen within ``interval`` plus one scan. The scans run in worker threads
     abandoned on cancel (bounded, they end on their own), so cancelling never waits for a
