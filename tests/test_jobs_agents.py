@@ -17,7 +17,7 @@ from runner_daemon.core.models import AgentParam
 from runner_daemon.core.settings import Settings, load_settings
 from runner_daemon.jobs.agents import BOOTSTRAP, AgentsFound, agents_for, python_for
 from runner_daemon.jobs.checklist import build_checklist, file_tree
-from runner_daemon.jobs.discovery import MAX_FILE_BYTES, agents_in_source, discover_agents
+from runner_daemon.jobs.discovery import MAX_FILE_BYTES, Walk, agents_in_source, discover_agents
 from runner_daemon.jobs.watch import watch_agents
 from runner_daemon.system.workspace import Workspace
 from tests.support import environ_without_settings, until
@@ -242,6 +242,19 @@ def test_the_number_of_files_read_is_bounded(tmp_path: Path) -> None:
     discovery = discover_agents(Workspace(tmp_path), max_files=3)
     assert [a.name for a in discovery.agents] == ["agent0", "agent1", "agent2"]
     assert discovery.warnings == ("more than 3 Python files: m3.py and those after it not read",)
+
+
+def test_a_walk_is_bounded_in_entries_yielded_and_listed(tmp_path: Path) -> None:
+    for index in range(30):
+        write(tmp_path / f".hidden{index:02}", "")
+    write(tmp_path / "sub" / "a.txt", "")
+    write(tmp_path / "sub" / "b.txt", "")
+    whole = Walk(Workspace(tmp_path))
+    assert [entry.relative for entry in whole] == ["sub", "sub/a.txt", "sub/b.txt"] and not whole.cut
+    yielded = Walk(Workspace(tmp_path), max_entries=2)
+    assert [entry.relative for entry in yielded] == ["sub", "sub/a.txt"] and yielded.cut
+    listed = Walk(Workspace(tmp_path), max_listed=20)  # the hidden names count as looked at
+    assert list(listed) == [] and listed.cut
 
 
 def test_the_first_of_two_agents_of_one_name_is_served(tmp_path: Path) -> None:

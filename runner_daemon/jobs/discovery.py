@@ -16,6 +16,7 @@ out, and every walk is bounded (entries looked at, depth, files read, bytes per 
 from __future__ import annotations
 
 import ast
+import itertools
 import os
 import stat
 from collections.abc import Iterator
@@ -24,7 +25,8 @@ from dataclasses import dataclass, field
 from runner_daemon.core.models import AgentParam
 from runner_daemon.system.workspace import SKIP_DIRS, Workspace
 
-MAX_WALK_ENTRIES = 50_000  # folder entries looked at per walk
+MAX_WALK_ENTRIES = 50_000  # entries a walk yields
+MAX_LISTED = 4 * MAX_WALK_ENTRIES  # entries a walk lists, skipped ones included
 MAX_DEPTH = 32  # folders deeper than this are not entered (each level holds a descriptor)
 MAX_FILES = 5_000  # Python files considered per discovery
 MAX_FILE_BYTES = 1024 * 1024  # larger files are skipped, not read
@@ -47,13 +49,14 @@ class Walked:
     folder_fd: int
 
 
-def _listing(folder_fd: int) -> list[tuple[str, bool, bool]]:
-    """(name, is folder, is file) of an open folder, sorted by name; symlinks are neither."""
+def _listing(folder_fd: int, limit: int) -> list[tuple[str, bool, bool]]:
+    """(name, is folder, is file) of an open folder, at most ``limit`` of them, sorted by name;
+    symlinks are neither."""
     try:
         with os.scandir(folder_fd) as entries:
             listed = [
                 (entry.name, entry.is_dir(follow_symlinks=False), entry.is_file(follow_symlinks=False))
-                for entry in entries
+                for entry in itertools.islice(entries, limit)
             ]
     except OSError:
         return []  # an unreadable folder is skipped, as ListFiles does
@@ -70,16 +73,19 @@ def _open_folder(folder_fd: int, name: str) -> int | None:
 
 class Walk:
     """The workspace's folders and regular files, depth first, each folder before its contents
-    and the entries of a folder in name order; at most ``max_entries`` of them (then
-    :attr:`cut` is true).
+    and the entries of a folder in name order; at most ``max_entries`` of them, from at most
+    ``max_listed`` listed (past either bound the walk stops and :attr:`cut` is true).
 
     Left out: hidden names (``.git``, ``.venv``, ``.env``…), :data:`SKIP_DIRS`, whatever the
     deny-list forbids reading, symlinks, and folders deeper than :data:`MAX_DEPTH`.
     """
 
-    def __init__(self, workspace: Workspace, *, max_entries: int = MAX_WALK_ENTRIES) -> None:
+    def __init__(
+        self, workspace: Workspace, *, max_entries: int = MAX_WALK_ENTRIES, max_listed: int = MAX_LISTED
+    ) -> None:
         self.workspace = workspace
         self.max_entries = max_entries
+        self.max_listed = max_listed
         self.cut = False
 
     def __iter__(self) -> Iterator[Walked]:
@@ -88,11 +94,21 @@ class Walk:
             root_fd = os.open(workspace.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             return
-        stack: list[tuple[int, Iterator[tuple[str, bool, bool]], str]] = [
-            (root_fd, iter(_listing(root_fd)), "")
-        ]
+        stack: list[tuple[int, Iterator[tuple[str, bool, bool]], str]] = []
         seen = 0
+        budget = self.max_listed
+
+        def enter(folder_fd: int, prefix: str) -> bool:
+            nonlocal budget
+            listed = _listing(folder_fd, budget + 1)
+            budget -= len(listed)
+            stack.append((folder_fd, iter(listed), prefix))
+            return budget >= 0
+
         try:
+            if not enter(root_fd, ""):
+                self.cut = True
+                return
             while stack:
                 folder_fd, entries, prefix = stack[-1]
                 entry = next(entries, None)
@@ -117,8 +133,10 @@ class Walk:
                     is_dir
                     and len(stack) <= MAX_DEPTH
                     and (child := _open_folder(folder_fd, name)) is not None
+                    and not enter(child, relative + "/")
                 ):
-                    stack.append((child, iter(_listing(child)), relative + "/"))
+                    self.cut = True
+                    return
         finally:
             for folder_fd, _, _ in stack:
                 os.close(folder_fd)
