@@ -14,6 +14,7 @@ import argparse
 import io
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -41,6 +42,7 @@ from runner_daemon.core.errors import (
 from runner_daemon.core.logs import Secret, configure_logging, scrub
 from runner_daemon.core.settings import SECRET_ENV_NAMES, Settings, load_settings, parse_listen
 from runner_daemon.core.transport import probe
+from runner_daemon.jobs.agents import AgentSpec, agents_for
 from runner_daemon.service import credentials, pairing
 from runner_daemon.service.daemon import Daemon, ExitStatus
 from runner_daemon.service.notify import Notifier
@@ -373,6 +375,56 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     return done.returncode
 
 
+def cmd_agents(args: argparse.Namespace) -> int:
+    """What ``[jobs]`` would register with Opik, why each agent is served, and how it runs."""
+    try:
+        settings = _settings_from(args)
+    except ConfigError as exc:
+        return _fail_config(exc)
+    found = agents_for(settings)
+    if args.json:
+        registrations = {
+            name: agent.model_dump(mode="json", exclude_none=True)
+            for name, agent in found.registrations().items()
+        }
+        print(json.dumps({"agents": registrations, "warnings": list(found.warnings)}, indent=2))
+        return ExitStatus.OK
+    discovery = "on" if settings.jobs.discover else "off ([jobs] discover = false)"
+    print(
+        f"{len(found.specs)} agent(s) would be registered; discovery {discovery} "
+        f"in {settings.workspace_root}; Python agents run with {found.python}"
+    )
+    for spec in found.specs:
+        print(describe_agent(spec))
+    if found.warnings:
+        print("\nwarnings:")
+        for warning in found.warnings:
+            print(f"  - {_printable(warning)}")
+    return ExitStatus.OK
+
+
+def _printable(text: str) -> str:
+    """Names and docstrings come from the workspace's files: no escape sequence reaches the terminal."""
+    return "".join(char if char.isprintable() else "?" for char in text)
+
+
+def describe_agent(spec: AgentSpec) -> str:
+    """One agent for a person: name, why it is served, its params, how a job of it runs."""
+    why = f"@opik.track(entrypoint=True) at {spec.source}" if spec.language == "python" else spec.source
+    params = ", ".join(f"{p.name}: {p.type} ({p.presence or 'required'})" for p in spec.params) or "none"
+    lines = [
+        "",
+        spec.name,
+        f"  found:   {why}",
+        *(f"  about:   {line}" for line in spec.description.splitlines()[:1]),
+        f"  params:  {params}",
+        f"  timeout: {f'{spec.timeout} s' if spec.timeout else 'Opik default (1800 s)'}",
+        f"  runs:    {shlex.join(spec.argv)}",
+        f"  sandbox: {'on' if spec.sandbox else 'off'}",
+    ]
+    return "\n".join(_printable(line) for line in lines)
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -498,6 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(confined)
     confined.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD...", help="the command")
     confined.set_defaults(func=cmd_sandbox)
+
+    agents = sub.add_parser("agents", help="print the agents [jobs] would register, and why each was found")
+    _add_setting_flags(agents)
+    agents.add_argument("--json", action="store_true", help="print what PUT .../agents would send, as JSON")
+    agents.set_defaults(func=cmd_agents)
 
     dev = sub.add_parser("devserver", help="serve the Opik-compatible dev server")
     dev.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
