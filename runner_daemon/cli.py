@@ -432,13 +432,16 @@ def _toml_value(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def settings_as_toml(values: dict[str, Any]) -> str:
-    """The settings as a TOML document (tables last), unset keys as comments."""
+def settings_as_toml(values: dict[str, Any], prefix: str = "") -> str:
+    """The settings as a TOML document (tables last, named by their dotted path), unset keys
+    as comments."""
     lines: list[str] = []
     tables: list[str] = []
     for key, value in values.items():
-        if isinstance(value, dict):
-            tables.append(f"\n[{key}]\n" + settings_as_toml(value))
+        if isinstance(value, dict) and value:
+            tables.append(f"\n[{prefix}{key}]\n" + settings_as_toml(value, f"{prefix}{key}."))
+        elif isinstance(value, dict):
+            lines.append(f"{key} = {{}}\n")
         elif value is None:
             lines.append(f"# {key} = (not set)\n")
         else:

@@ -10,11 +10,13 @@ its process group is killed, and no report follows (Opik ignores one on a cancel
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 
 import anyio
+import anyio.to_thread
 import structlog
 from anyio.abc import TaskGroup
 
@@ -22,13 +24,17 @@ from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.errors import ApiError, Fatal, JournalUnavailable
 from runner_daemon.core.ids import uuid7
 from runner_daemon.core.liveness import Liveness
-from runner_daemon.core.models import JOBS_CAPABILITY, Job
+from runner_daemon.core.models import JOBS_CAPABILITY, Job, LogEntry
 from runner_daemon.core.outbox import Outbox, OwedResult
 from runner_daemon.core.retry import Backoff, retrying
 from runner_daemon.core.settings import Settings
-from runner_daemon.jobs.agents import AgentSpec
+from runner_daemon.jobs.agents import AgentsFound, AgentSpec
+from runner_daemon.jobs.checklist import build_checklist
+from runner_daemon.jobs.execute import JobOutcome, run_job
+from runner_daemon.jobs.logs import LogShipper
 from runner_daemon.jobs.reporter import JobReporter, encode_job_report
 from runner_daemon.jobs.stats import JobStats
+from runner_daemon.jobs.watch import watch_agents
 from runner_daemon.system.sandbox import SandboxPolicy
 
 log = structlog.get_logger(__name__)
@@ -39,6 +45,8 @@ SHUT_DOWN = "The runner shut down before the job finished"
 # A cancel that arrives before its job was polled is remembered this long, this many (Opik's).
 CANCEL_MEMORY_SECONDS = 300.0
 MAX_CANCEL_MEMORY = 10_000
+# How often the workspace is scanned for a changed set of agents (published within 10 s).
+AGENT_SCAN_SECONDS = 3.0
 # After the grace period, cancelled jobs get this long to be killed and reported.
 FINAL_REPORT_SECONDS = 30.0
 
@@ -55,7 +63,9 @@ class JobsLoop:
         stats: JobStats | None = None,
         liveness: Liveness | None = None,
         sandbox: SandboxPolicy | None = None,
+        bridge_key: bytes | None = None,
     ) -> None:
+        """``bridge_key``: kept out of every agent's environment, in any encoding."""
         if settings.jobs.runner_id is None:
             raise ValueError("the jobs loop needs [jobs] runner_id")
         self._settings = settings
@@ -65,6 +75,7 @@ class JobsLoop:
         self.stats = stats or JobStats()
         self.liveness = liveness or Liveness()
         self._sandbox = sandbox
+        self._bridge_key = bridge_key
         self.reporter = JobReporter(api, settings, outbox, self.stats)
         self.agents: dict[str, AgentSpec] = {}
         self.agents_ready = anyio.Event()  # set once the first set of agents is known
@@ -98,6 +109,28 @@ class JobsLoop:
         self.agents = dict(agents)
         self.agents_ready.set()
         log.info("agents registered", agents=sorted(agents))
+
+    async def keep_agents_published(self) -> None:
+        """Register the agents at start, and again whenever the set changes (a file edited,
+        added or removed): within :data:`AGENT_SCAN_SECONDS` of the change, no restart."""
+        async with contextlib.aclosing(watch_agents(self._settings, interval=AGENT_SCAN_SECONDS)) as sets:
+            async for found in sets:
+                for warning in found.warnings:
+                    log.warning("agent discovery", problem=warning)
+                await self.publish(found.by_name())
+                await self._send_checklist(found)
+
+    async def _send_checklist(self, found: AgentsFound) -> None:
+        """What Opik's runner page shows about this runner; a failure is not worth retrying."""
+        checklist = await anyio.to_thread.run_sync(
+            build_checklist, self._settings, found, abandon_on_cancel=True
+        )
+        try:
+            await self._api.patch_checklist(self._runner_id, checklist)
+        except Fatal:
+            raise
+        except ApiError as exc:
+            log.info("could not send the checklist", error=str(exc))
 
     # --- cancel, from the endpoint runner's heartbeats --------------------------------------
 
@@ -279,7 +312,21 @@ class JobsLoop:
         )
 
     async def _run_agent(self, spec: AgentSpec, job: Job, trace_id: str) -> JobOutcome:
-        raise NotImplementedError
+        """The agent's process, its logs shipped as they come (all sent before this returns)."""
+
+        async def send(entries: list[LogEntry]) -> None:
+            await self._api.post_job_logs(job.id, entries)
+
+        async with LogShipper(send, max_lines=self._settings.jobs.max_log_lines) as logs:
+            return await run_job(
+                spec,
+                job,
+                trace_id,
+                settings=self._settings,
+                logs=logs,
+                sandbox=self._sandbox,
+                bridge_key=self._bridge_key,
+            )
 
     # --- recovery, slots and the drain -----------------------------------------------------
 

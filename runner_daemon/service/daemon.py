@@ -280,6 +280,7 @@ class Daemon:
                 stats=self.job_stats,
                 liveness=self.jobs_liveness,
                 sandbox=self._sandbox,
+                bridge_key=self._bridge_key,
             )
         return api
 
