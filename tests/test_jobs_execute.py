@@ -25,6 +25,7 @@ from runner_daemon.jobs.execute import SANDBOX_MISSING, JobOutcome, read_outcome
 from runner_daemon.jobs.inputs import validate_inputs
 from runner_daemon.jobs.logs import LINE_CHARS, LogShipper
 from runner_daemon.system.processes import GroupWatcher
+from runner_daemon.system.sandbox import SandboxSupport, sandbox_for
 from tests.support import until
 
 pytestmark = pytest.mark.anyio
@@ -585,3 +586,51 @@ async def test_a_fatal_error_from_send_propagates() -> None:
         if isinstance(caught.value, BaseExceptionGroup)
         else (isinstance(caught.value, RunnerGone))
     )
+
+
+SANDBOXED = """
+import json, os, sys
+try:
+    open(sys.argv[1]).read()
+    outside = "read"
+except OSError as exc:
+    outside = type(exc).__name__
+open("written-in-the-workspace", "w").write("ok")
+print(json.dumps({"inputs": json.load(sys.stdin), "outside": outside}))
+"""
+
+
+@pytest.mark.adversarial
+@pytest.mark.skipif(SandboxSupport.probe().abi < 1, reason="needs Landlock")
+async def test_a_sandboxed_agent_runs_confined(root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not for the agent")
+    settings = settings_for(root)
+    policy = sandbox_for(settings)[0]
+    assert policy is not None
+    (root / "pkg").mkdir()
+    source = script(root / "pkg", "agents.py", AGENTS)
+    agent = script(root, "agent.py", SANDBOXED)
+    recorder = Recorder()
+    async with LogShipper(recorder.send, max_lines=100) as logs:
+        confined = await run_job(
+            spec_for([sys.executable, agent, str(outside)], sandbox=True),
+            job_for({"q": 1}),
+            TRACE_ID,
+            settings=settings,
+            logs=logs,
+            sandbox=policy,
+        )
+        # The bootstrap lives with the daemon's code; the sandbox still lets it run.
+        bootstrapped = await run_job(
+            spec_for([sys.executable, str(BOOTSTRAP), source, "scalar"], sandbox=True),
+            job_for({"x": 2}),
+            TRACE_ID,
+            settings=settings,
+            logs=logs,
+            sandbox=policy,
+        )
+    assert confined == JobOutcome("completed", result=None), recorder.texts()
+    assert json.loads(recorder.texts("stdout")[0]) == {"inputs": {"q": 1}, "outside": "PermissionError"}
+    assert (root / "written-in-the-workspace").exists()
+    assert bootstrapped == JobOutcome("completed", result={"result": 4}), recorder.texts()
