@@ -30,7 +30,6 @@ import structlog
 
 from runner_daemon import __version__
 from runner_daemon.bridge.handlers import HandlerRegistry, discover
-from runner_daemon.bridge.handlers.exec import child_environment
 from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.errors import (
     ApiError,
@@ -46,6 +45,7 @@ from runner_daemon.jobs.agents import AgentSpec, agents_for
 from runner_daemon.service import credentials, pairing
 from runner_daemon.service.daemon import Daemon, ExitStatus
 from runner_daemon.service.notify import Notifier
+from runner_daemon.system.environment import child_environment
 from runner_daemon.system.hardening import forbid_inspection
 from runner_daemon.system.sandbox import SandboxPolicy, SandboxSupport, sandbox_for
 from runner_daemon.system.workspace import Workspace

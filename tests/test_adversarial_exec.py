@@ -21,13 +21,13 @@ from typing import IO, Any
 
 import pytest
 
-from runner_daemon.bridge.handlers.exec import child_environment
 from runner_daemon.bridge.results import Outcome
 from runner_daemon.bridge.signing import encode_bridge_key
 from runner_daemon.core.models import BridgeCommand
 from runner_daemon.core.settings import load_settings
 from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer
+from runner_daemon.system.environment import child_environment
 from runner_daemon.system.processes import GroupWatcher, group_alive
 from tests.support import (
     REPO,

@@ -15,10 +15,11 @@ from runner_daemon.bridge.executor import Executor
 from runner_daemon.bridge.handlers import discover
 from runner_daemon.bridge.handlers import exec as exec_module
 from runner_daemon.bridge.handlers.base import HandlerServices
-from runner_daemon.bridge.handlers.exec import OutputCapture, child_environment, is_blocked, utf8_prefix
+from runner_daemon.bridge.handlers.exec import OutputCapture, is_blocked, utf8_prefix
 from runner_daemon.bridge.results import Outcome
 from runner_daemon.core.models import BridgeCommand
 from runner_daemon.core.settings import load_settings
+from runner_daemon.system.environment import child_environment
 from runner_daemon.system.processes import BackgroundProcesses
 from tests.support import executor_for, process_gone, until
 

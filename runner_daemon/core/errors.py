@@ -14,6 +14,7 @@ these names and never inspect a status code::
     │   (RunnerGone and Unauthorized are both ApiError and Fatal)
     ├── Abandoned                a cancelled command's worker thread stops (a signal, not a failure)
     ├── PairingExpired           nobody opened the pairing link in time; ``pair`` exits 75
+    ├── InvalidInputs            a job's inputs do not fit its agent's params: the job fails
     └── ApiError                 the server answered, or could not be reached
         ├── RunnerGone           404: the runner was disconnected (or never existed)
         │   └── RunnerEvicted    410: deregistered, or replaced by a newer connection
@@ -75,6 +76,10 @@ class Abandoned(RunnerDaemonError):
 
 class PairingExpired(RunnerDaemonError):
     """Nobody opened the pairing link before the session's time to live ran out."""
+
+
+class InvalidInputs(RunnerDaemonError):
+    """A job's inputs do not fit its agent's params; ``str()`` names the param (shown in the UI)."""
 
 
 class ApiError(RunnerDaemonError):

@@ -14,15 +14,12 @@ on a full pipe. Background children are described in :mod:`runner_daemon.system.
 
 from __future__ import annotations
 
-import base64
 import math
-import os
 import re
 import shutil
 import subprocess
 import tempfile
-import urllib.parse
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +28,9 @@ import anyio.abc
 from pydantic import Field
 
 from runner_daemon.bridge.handlers.base import Args, Handler, HandlerContext
-from runner_daemon.bridge.signing import encode_bridge_key
 from runner_daemon.core.errors import CommandFailed
-from runner_daemon.core.settings import SECRET_ENV_NAMES, ExecSettings, Settings
+from runner_daemon.core.settings import ExecSettings
+from runner_daemon.system.environment import child_environment
 from runner_daemon.system.processes import (
     BackgroundProcess,
     GroupWatcher,
@@ -53,9 +50,6 @@ STARTUP_WAIT_SECONDS = 3.0
 # A background start returns this long before the command's own deadline at the latest.
 DEADLINE_MARGIN_SECONDS = 0.5
 BLOCKED_MESSAGE = "Command blocked by safety filter"
-# A secret at least this long is found inside longer values too; a shorter one only whole
-# (a short one would match innocent text).
-MIN_SECRET_SUBSTRING = 8
 
 # Where a new simple command can begin: the start of a line, after a control operator
 # (; & && | || and newlines), or inside a subshell, group or command substitution.
@@ -124,60 +118,6 @@ def check_policy(command: str, policy: ExecSettings) -> None:
             raise CommandFailed(
                 "blocked", "Command does not start with an allowed prefix ([exec] allow_prefixes)"
             )
-
-
-def child_environment(
-    settings: Settings, environ: Mapping[str, str] | None = None, bridge_key: bytes | None = None
-) -> dict[str, str]:
-    """The daemon's environment without its secrets: by name, and by value in any encoding.
-
-    A variable is dropped when its value holds the API key or the bridge key (raw bytes or
-    its base64 text) raw, in hex, in base64 (standard or URL-safe, padded or not, also
-    inside a longer encoded text such as ``user:key``), percent-encoded or split by white
-    space. Secrets shorter than :data:`MIN_SECRET_SUBSTRING` bytes are only matched whole.
-    """
-    names = {*SECRET_ENV_NAMES, *settings.exec.secret_env}
-    secrets = [value.encode() for value in settings.secret_values() if value]
-    if bridge_key:
-        secrets += [bridge_key, encode_bridge_key(bridge_key).encode()]
-    needles = frozenset(form for secret in secrets for form in secret_forms(secret))
-    source = os.environ if environ is None else environ
-    return {
-        name: value
-        for name, value in source.items()
-        if name not in names and not holds_secret(value, needles, secrets)
-    }
-
-
-def secret_forms(secret: bytes) -> set[bytes]:
-    """What to look for in a value that may hold ``secret`` (empty for a short secret)."""
-    if len(secret) < MIN_SECRET_SUBSTRING:
-        return set()
-    # Hex is matched in lower case (values are searched lower-cased too).
-    forms = {secret, secret.decode("latin-1").encode(), secret.hex().encode()}
-    for encode in (base64.b64encode, base64.urlsafe_b64encode):
-        # Inside a longer encoded text the secret starts at one of three byte offsets: keep
-        # the characters that depend on the secret's bytes alone.
-        for offset in range(3):
-            total = offset + len(secret)
-            encoded = encode(bytes(offset) + secret)
-            forms.add(encoded[4 if offset else 0 : 4 * (total // 3)])
-    return {form for form in forms if len(form) >= MIN_SECRET_SUBSTRING}
-
-
-def holds_secret(value: str, needles: Collection[bytes], secrets: Collection[bytes]) -> bool:
-    """Whether ``value``, as it is or decoded, holds a needle or is a (short) secret whole."""
-    raw = value.encode("utf-8", "surrogateescape")  # the bytes the child would see
-    variants = {
-        raw,
-        b"".join(raw.split()),
-        raw.lower(),
-        urllib.parse.unquote_to_bytes(raw),
-        raw.replace(b"\\/", b"/"),  # JSON may escape the slashes of base64 text
-    }
-    if any(variant.strip() in secrets for variant in variants):
-        return True
-    return any(needle in variant for needle in needles for variant in variants)
 
 
 def utf8_prefix(data: bytes) -> bytes:

@@ -18,7 +18,6 @@ import anyio
 import anyio.abc
 
 from runner_daemon.bridge.handlers.base import HandlerContext
-from runner_daemon.bridge.handlers.exec import child_environment
 from runner_daemon.bridge.search.hits import (
     KEEP_LINE_BYTES,
     Hit,
@@ -29,6 +28,7 @@ from runner_daemon.bridge.search.hits import (
     reportable,
 )
 from runner_daemon.core.errors import CommandFailed
+from runner_daemon.system.environment import child_environment
 from runner_daemon.system.sandbox import SandboxPolicy
 from runner_daemon.system.workspace import Workspace
 
