@@ -24,6 +24,7 @@ from runner_daemon import __version__
 from runner_daemon.core.errors import (
     AlreadyReported,
     Conflict,
+    JobGone,
     RateLimited,
     RequestRejected,
     RunnerEvicted,
@@ -259,12 +260,20 @@ class RunnerApi:
 
     async def report_job(self, job_id: str, body: bytes) -> None:
         """Post an encoded :class:`~runner_daemon.core.models.JobReport` (Opik answers 204,
-        and ignores a report on a finished job with 204 too: at-least-once is safe)."""
-        await self._request("POST", f"{RUNNERS_PATH}/jobs/{job_id}/results", content=body)
+        and ignores a report on a finished job with 204 too: at-least-once is safe). A 404
+        is :class:`JobGone`: that job expired, the runner may be fine."""
+        await self._job_request(f"{RUNNERS_PATH}/jobs/{job_id}/results", body)
 
     async def post_job_logs(self, job_id: str, entries: Sequence[LogEntry]) -> None:
+        """A batch of a job's log lines; a 404 is :class:`JobGone`, as for its report."""
         body = b"[" + b",".join(entry.model_dump_json().encode() for entry in entries) + b"]"
-        await self._request("POST", f"{RUNNERS_PATH}/jobs/{job_id}/logs", content=body)
+        await self._job_request(f"{RUNNERS_PATH}/jobs/{job_id}/logs", body)
+
+    async def _job_request(self, path: str, body: bytes) -> None:
+        answer = await self._transport.send("POST", path, content=body, limit=MAX_ANSWER_BYTES)
+        if answer.status == 404:
+            raise JobGone(error_message(answer), status=answer.status)
+        raise_for_status(answer)
 
     async def put_agents(self, runner_id: str, agents: Mapping[str, Agent]) -> None:
         """Replace the runner's whole set of agents (``{}`` clears it)."""

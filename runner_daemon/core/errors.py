@@ -23,6 +23,7 @@ these names and never inspect a status code::
         ├── RateLimited          429, with the server's Retry-After
         ├── Unauthorized         401/403: the API key or workspace is wrong
         ├── RequestRejected      any other 4xx: our request was refused as it stands
+        │   └── JobGone          404 on a job's report or logs: that job expired (not the runner)
         └── RetryableError       worth trying again after a backoff
             ├── ServerError      5xx
             ├── TransportError   connect/read/write failures and timeouts
@@ -120,6 +121,11 @@ class Unauthorized(ApiError, Fatal):
 
 class RequestRejected(ApiError):
     """The server refused the request as malformed or too large; retrying will not help."""
+
+
+class JobGone(RequestRejected):
+    """Opik no longer knows this job (expired, purged, or not this runner's): drop what was
+    meant for it. Unlike :class:`RunnerGone`, it ends nothing else."""
 
 
 class RetryableError(ApiError):

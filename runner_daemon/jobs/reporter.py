@@ -12,7 +12,7 @@ import anyio
 import structlog
 
 from runner_daemon.core.api import RunnerApi
-from runner_daemon.core.errors import ApiError, RunnerGone
+from runner_daemon.core.errors import ApiError, JobGone
 from runner_daemon.core.models import JobReport, JobReportStatus
 from runner_daemon.core.outbox import Outbox, OwedResult
 from runner_daemon.core.retry import Backoff, retrying
@@ -25,7 +25,7 @@ RESTARTED = "the runner restarted while this job ran"
 
 
 class JobReporter:
-    """Delivers job reports; a 404 drops one (the job expired or was purged), never the loop.
+    """Delivers job reports; a 404 (:class:`JobGone`) drops one, and ends nothing else.
 
     Only :class:`~runner_daemon.core.errors.Unauthorized` is raised: refused credentials end
     the daemon, and the report stays owed for the next start.
@@ -52,8 +52,13 @@ class JobReporter:
         like any other, but only until the final report replaces it (the caller cancels)."""
         backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
         try:
-            await retrying(lambda: self._api.report_job(job_id, body), backoff, self._retry_logger(job_id))
-        except RunnerGone:
+            await retrying(
+                lambda: self._api.report_job(job_id, body),
+                backoff,
+                self._retry_logger(job_id),
+                final=(JobGone,),
+            )
+        except JobGone:
             log.warning("the running report was refused: Opik no longer knows this job", job_id=job_id)
 
     async def owed_from_before(self) -> list[OwedResult]:
@@ -81,8 +86,9 @@ class JobReporter:
                     lambda: self._api.report_job(entry.command_id, entry.body),
                     backoff,
                     self._retry_logger(entry.command_id),
+                    final=(JobGone,),
                 )
-            except RunnerGone:
+            except JobGone:
                 bound.warning("job report dropped: Opik no longer knows this job (expired or purged)")
             else:
                 delivered = True
