@@ -157,11 +157,11 @@ def write_result(payload: str | dict[str, str]) -> None:
 
 
 def flush_opik() -> None:
-    opik = sys.modules.get("opik")
-    if opik is None:
+    flush = getattr(sys.modules.get("opik"), "flush_tracker", None)
+    if flush is None:  # no opik, or a module of that name that is not Opik's SDK
         return
     try:
-        opik.flush_tracker(timeout=FLUSH_SECONDS)
+        flush(timeout=FLUSH_SECONDS)
     except Exception:  # the result is written; a lost trace must not fail the job
         traceback.print_exc()
 
