@@ -58,6 +58,34 @@ async def test_journal_round_trip_and_recovery(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
+async def test_jobs_keep_their_kind_and_trace_id_across_restarts(tmp_path: Path) -> None:
+    """A job's entries come back as a job's (its loop delivers them), with the trace id its
+    running report carried, after a restart and after the journal was rewritten."""
+    job_body = b'{"status":"completed","result":{"ok":true},"trace_id":"t-1"}'
+    outbox = Outbox.open(tmp_path)
+    await outbox.started("e1", "j-running", "agent", kind="job", trace_id="t-2")
+    await outbox.started("e1", "j-owed", "agent", kind="job", trace_id="t-1")
+    await outbox.result(OwedResult("e1", "j-owed", "agent", job_body, 3.0, "job"))
+    await outbox.close()
+    for _ in range(2):  # the second open reads the journal the first one rewrote
+        outbox = Outbox.open(tmp_path)
+        assert outbox.recovered.results == [OwedResult("e1", "j-owed", "agent", job_body, 3.0, "job")]
+        assert outbox.recovered.interrupted == [StartedCommand("e1", "j-running", "agent", "job", "t-2")]
+        await outbox.close()
+
+
+@pytest.mark.anyio
+async def test_a_job_report_that_is_not_one_is_skipped(tmp_path: Path) -> None:
+    (tmp_path / JOURNAL_FILE).write_bytes(
+        b'{"op":"result","id":"j","runner":"e","type":"a","at":1,"kind":"job","body":"{\\"status\\":\\"odd\\"}"}\n'
+        b'{"op":"started","id":"k","runner":"e","type":"a","kind":"elsewhere"}\n'
+    )
+    outbox = Outbox.open(tmp_path)
+    assert outbox.recovered == Recovered([], [])
+    await outbox.close()
+
+
+@pytest.mark.anyio
 async def test_torn_and_corrupt_lines_are_tolerated(tmp_path: Path) -> None:
     outbox = Outbox.open(tmp_path)
     await outbox.result(OwedResult("r1", "c1", "ReadFile", BODY, 1.0))
