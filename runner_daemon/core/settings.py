@@ -4,6 +4,9 @@ Sources, highest priority first: command-line flags, ``RUNNER_DAEMON_*`` environ
 variables, Opik's own variables (``OPIK_URL_OVERRIDE``, ``OPIK_API_KEY``,
 ``OPIK_WORKSPACE``), the TOML file given with ``--config``, then the defaults below.
 Nothing reads the environment after :func:`load_settings` returns.
+
+Over 400 lines on purpose: every setting, its validation and its sources in one place, as the
+one settings object.
 """
 
 from __future__ import annotations
