@@ -610,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pair.set_defaults(func=cmd_pair)
 
-    demo = sub.add_parser("demo", help="dev server + daemon in one process; submits a few commands")
+    demo = sub.add_parser("demo", help="dev server + daemon in one process; a few commands and jobs")
     demo.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
     demo.add_argument("--verbose", action="store_true", help="log lines on stderr, not in a file")
     demo.set_defaults(func=cmd_demo)
