@@ -616,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="measure throughput, latency, CPU, memory and start-up time")
-    bench.add_argument("-n", "--count", type=int, default=1000, help="commands to run (default 1000)")
+    bench.add_argument("-n", "--count", type=int, help="commands to run (default 1000; --jobs: jobs, 50)")
     bench.add_argument("--concurrency", type=int, default=10, help="the daemon's max_concurrency (10)")
     bench.add_argument("--type", default="ReadFile", choices=["ReadFile", "ListFiles"], help="command type")
     bench.add_argument("--rate", type=float, help="submit this many per second (default: a burst)")
@@ -628,6 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--opik-client", default="rest", choices=["rest", "sdk"], help="OpikApi or Opik()")
     bench.add_argument("--timeout", type=float, help="seconds allowed per runner's run (120 + 0.05 x count)")
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
+    bench.add_argument(
+        "--jobs", action="store_true", help="job start and cancel latency instead (an endpoint runner)"
+    )
+    bench.add_argument(
+        "--heartbeat", type=float, metavar="SECONDS", help="--jobs: the daemon's heartbeat interval (its 5)"
+    )
     bench.set_defaults(func=cmd_bench)
     return parser
 

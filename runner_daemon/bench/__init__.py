@@ -13,6 +13,9 @@ Every party runs in a process of its own, so their costs never mix:
   ``--opik-python``); ``opik`` is imported there and nowhere else;
 - this process, which submits the commands as Opik's UI does and waits for each result.
 
+With ``--jobs`` the daemon serves an endpoint runner instead, with one declared agent, and
+this process creates and cancels jobs as Opik's playground does (:mod:`.jobs`).
+
 Latencies are the server's own times, ``completed_at - submitted_at`` of each command's
 record; CPU is utime + stime and memory VmRSS / VmHWM of the runner process, from /proc.
 Children are killed on any exit of the bench: an exception, Ctrl-C, SIGTERM or SIGHUP, and
@@ -21,7 +24,8 @@ Children are killed on any exit of the bench: an exception, Ctrl-C, SIGTERM or S
 One module per job: :mod:`.children` (spawning, killing and configuring the child processes),
 :mod:`.probes` (/proc), :mod:`.load_client` (the load generator's HTTP client),
 :mod:`.records` (options and figures), :mod:`.run` (the bench itself and the command's body),
-:mod:`.report` (targets and output), :mod:`.opik_driver` (Opik's runner, in Opik's venv).
+:mod:`.jobs` (the ``--jobs`` run), :mod:`.report` (targets and output), :mod:`.opik_driver`
+(Opik's runner, in Opik's venv).
 """
 
 from runner_daemon.bench.run import run_bench

@@ -143,11 +143,14 @@ def opik_environ(url: str | None) -> dict[str, str]:
 # --- the dev server child ---------------------------------------------------------------------
 
 
-def devserver_command(max_pending: int) -> tuple[list[str], dict[str, str]]:
+def devserver_command(max_pending: int, heartbeat_ttl: float = 15.0) -> tuple[list[str], dict[str, str]]:
     """argv and environment of the dev server child, its limits raised for the bench.
 
+    ``heartbeat_ttl``: raised with a slow heartbeat (``--jobs --heartbeat``), so that the
+    runner stays alive and jobs can be created for it. The jobs poll keeps Opik's 10 s hold.
     It prints :data:`LISTENING` and its URL as its first line of output."""
     config = {
+        "heartbeat_ttl_seconds": heartbeat_ttl,
         "poll_hold_seconds": POLL_HOLD_SECONDS,
         "max_pending": max_pending,
         "submissions_per_minute": 1_000_000_000,

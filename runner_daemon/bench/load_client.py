@@ -1,4 +1,5 @@
-"""The load generator's HTTP/1.1 client, and the two UI calls the bench makes per command.
+"""The load generator's HTTP/1.1 client, the two UI calls the bench makes per command, and
+the playground's job creation (``--jobs``).
 
 httpx costs about a millisecond of CPU per request on a small machine; the bench makes two
 requests per command, and on two cores that CPU would come out of the runners' share. This
@@ -38,8 +39,8 @@ class _Connection:
     async def _fill(self) -> None:
         self.buffer += await self.stream.receive(65536)
 
-    async def exchange(self, request: bytes) -> tuple[int, bytes, bool]:
-        """Send one request, read its answer: (status, body, keep the connection)."""
+    async def exchange(self, request: bytes) -> tuple[int, bytes, dict[str, str]]:
+        """Send one request, read its answer: (status, body, headers by lower-case name)."""
         await self.stream.send(request)
         while (end := self.buffer.find(b"\r\n\r\n")) < 0:
             await self._fill()
@@ -56,7 +57,7 @@ class _Connection:
             await self._fill()
         body = bytes(self.buffer[:length])
         del self.buffer[:length]
-        return status, body, headers.get("connection", "").lower() != "close"
+        return status, body, headers
 
 
 class LoadClient:
@@ -72,6 +73,13 @@ class LoadClient:
 
     async def request(self, method: str, path: str, payload: Any = None, timeout: float = 60.0) -> Any:
         """``path`` is relative to the API base URL; returns the decoded JSON answer (or None)."""
+        answer, _ = await self.exchange(method, path, payload, timeout)
+        return json.loads(answer) if answer else None
+
+    async def exchange(
+        self, method: str, path: str, payload: Any = None, timeout: float = 60.0
+    ) -> tuple[bytes, dict[str, str]]:
+        """As :meth:`request`, but the raw body and the headers (a 201's ``Location``)."""
         body = b"" if payload is None else json.dumps(payload).encode()
         request = (
             f"{method} {self._prefix}/{path} HTTP/1.1\r\nHost: {self._netloc}\r\n"
@@ -80,25 +88,25 @@ class LoadClient:
         with anyio.fail_after(timeout):
             connection = await self._take()
             try:
-                status, answer, keep = await connection.exchange(request)
+                status, answer, headers = await connection.exchange(request)
             except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
                 await connection.stream.aclose()
                 if connection.used == 0 or connection.buffer:
                     raise
                 # The server closed a kept-alive connection as we sent: once more on a new one.
                 connection = await self._connect()
-                status, answer, keep = await connection.exchange(request)
+                status, answer, headers = await connection.exchange(request)
             except BaseException:
                 await connection.stream.aclose()
                 raise
-            if keep:
+            if headers.get("connection", "").lower() != "close":
                 connection.used = time.monotonic()
                 self._idle.append(connection)
             else:
                 await connection.stream.aclose()
         if status >= 300:
             raise HttpError(status, answer)
-        return json.loads(answer) if answer else None
+        return answer, headers
 
     async def _take(self) -> _Connection:
         """An idle connection used lately (uvicorn closes them after 5 s), or a new one."""
@@ -138,3 +146,13 @@ async def wait_final(client: LoadClient, runner_id: str, command_id: str) -> Fin
         record = await client.request("GET", path, timeout=90)
         if record.get("status") in ("completed", "failed", "timed_out"):
             return Finished.of(record)
+
+
+async def create_job(client: LoadClient, project_id: str, agent_name: str, inputs: dict[str, Any]) -> str:
+    """Create a job as Opik's playground does: 201, no body, its id at the end of ``Location``."""
+    body = {"agent_name": agent_name, "project_id": project_id, "inputs": inputs}
+    _, headers = await client.exchange("POST", f"{RUNNERS}/jobs", body)
+    job_id = headers.get("location", "").rstrip("/").rpartition("/")[2]
+    if not job_id:
+        raise BenchError("the dev server created a job without a Location")
+    return job_id

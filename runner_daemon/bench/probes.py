@@ -28,3 +28,14 @@ def memory_mb(pid: int) -> tuple[float, float]:
             if key in ("VmRSS", "VmHWM"):
                 values[key] = int(rest.split()[0]) * 1024 / 1e6
     return values.get("VmRSS", 0.0), values.get("VmHWM", 0.0)
+
+
+def process_exited(pid: int) -> bool:
+    """Gone from /proc, or a zombie: it has exited and only its parent's reaping is left."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stream:
+            data = stream.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    state = data[data.rindex(b")") + 2 : data.rindex(b")") + 3]
+    return state in (b"Z", b"X")

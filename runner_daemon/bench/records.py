@@ -1,6 +1,7 @@
 """What the bench measures and keeps: its options, each command's final record, each runner's
-figures and the report, in one place so the bench (:mod:`.run`) fills them and the output
-(:mod:`.report`) reads them without either knowing the other.
+figures (``--jobs``: the jobs' latencies) and the report, in one place so the bench
+(:mod:`.run`) fills them and the output (:mod:`.report`) reads them without either knowing
+the other.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from typing import Any, Literal
 from runner_daemon import __version__
 
 RunnerKind = Literal["runner-daemon", "opik"]
+
+# -n when not given: bridge commands take milliseconds, a cancelled job up to a heartbeat.
+DEFAULT_COMMANDS = 1000
+DEFAULT_JOBS = 50
 
 
 class BenchError(Exception):
@@ -40,22 +45,28 @@ class Options:
     opik_client: str
     timeout: float
     json: bool
+    jobs: bool = False
+    # The daemon's heartbeat_interval_seconds under --jobs; None: its own default.
+    heartbeat: float | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
+        count = args.count if args.count is not None else DEFAULT_JOBS if args.jobs else DEFAULT_COMMANDS
         return cls(
-            count=args.count,
+            count=count,
             concurrency=args.concurrency,
             command_type=args.type,
             rate=args.rate,
             window=args.window,
-            warmup=args.warmup if args.warmup is not None else min(100, args.count),
+            warmup=args.warmup if args.warmup is not None else min(100, count),
             idle=args.idle,
             compare=args.compare,
             opik_python=args.opik_python or sys.executable,
             opik_client=args.opik_client,
-            timeout=args.timeout if args.timeout is not None else 120.0 + args.count * 0.05,
+            timeout=args.timeout if args.timeout is not None else 120.0 + count * 0.05,
             json=args.json,
+            jobs=args.jobs,
+            heartbeat=args.heartbeat,
         )
 
     def check(self) -> str | None:
@@ -69,6 +80,12 @@ class Options:
             return "--window must be at least 1"
         if self.idle is not None and self.idle <= 0:
             return "--idle must be positive"
+        if self.heartbeat is not None and not self.jobs:
+            return "--heartbeat goes with --jobs"
+        if self.heartbeat is not None and not 0 < self.heartbeat <= 60:
+            return "--heartbeat must be more than 0 and at most 60 seconds"
+        if self.jobs and (self.idle is not None or self.compare is not None):
+            return "--jobs measures runner-daemon's jobs alone: no --idle, no --compare"
         return None
 
 
@@ -183,6 +200,37 @@ class IdleRun:
 
 
 @dataclass
+class JobsRun:
+    """``--jobs``: the latencies of one declared agent's jobs, run one at a time."""
+
+    version: str
+    count: int  # jobs of each kind: short ones for the start, long ones for the cancel
+    heartbeat_seconds: float
+    kill_grace_seconds: float
+    max_jobs: int
+    poll_hold_seconds: float
+    # The server's created_at → the agent's first statement (one machine's wall clock).
+    start_ms: Latency
+    # The server's started_at (the poll took the job) → the agent's first statement.
+    start_in_daemon_ms: Latency
+    # Cancel call returned → the agent's pid gone from /proc (or a zombie: it has exited).
+    cancel_ms: Latency
+    completed: int  # short jobs that ended completed
+    cancelled: int  # long jobs that ended cancelled with their process gone
+    statuses: dict[str, int]  # the final status of every job
+    ready_seconds: float
+    exit_status: int | None = None
+
+    @property
+    def cancel_bound_seconds(self) -> float:
+        """What a cancel may take: until the next heartbeat, then the kill's grace."""
+        return self.heartbeat_seconds + self.kill_grace_seconds
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "cancel_bound_seconds": self.cancel_bound_seconds}
+
+
+@dataclass
 class Target:
     name: str
     goal: str
@@ -195,6 +243,7 @@ class Report:
     options: dict[str, Any]
     load: list[LoadRun] = field(default_factory=list)
     idle: list[IdleRun] = field(default_factory=list)
+    jobs: JobsRun | None = None
     targets: list[Target] = field(default_factory=list)
     devserver_url: str = ""
     # Other work on the machine skews every figure: the 1-minute load average as the bench began.
@@ -227,6 +276,7 @@ class Report:
             "options": self.options,
             "load": [run.as_json() for run in self.load],
             "idle": [run.as_json() for run in self.idle],
+            "jobs": self.jobs.as_json() if self.jobs is not None else None,
             "ratios": self.ratios(),
             "targets": [asdict(target) for target in self.targets],
         }

@@ -13,7 +13,7 @@ import platform
 from typing import Any
 
 from runner_daemon.bench.children import POLL_HOLD_SECONDS
-from runner_daemon.bench.records import Options, Report, RunnerKind, Target, ratio_of
+from runner_daemon.bench.records import JobsRun, Latency, Options, Report, RunnerKind, Target, ratio_of
 
 # Opik's BridgePollLoop runs at most this many commands at once (its _MAX_WORKERS).
 OPIK_WORKERS = 10
@@ -71,6 +71,12 @@ def evaluate_targets(report: Report, options: Options) -> list[Target]:
             f"{ready:.3f} s",
             ready <= TARGET_READY_SECONDS,
         )
+    jobs = report.jobs
+    if jobs is not None:
+        bound = jobs.cancel_bound_seconds
+        measured = f"max {jobs.cancel_ms.max:.0f} ms (p99 {jobs.cancel_ms.p99:.0f} ms)"
+        goal = f"<= heartbeat + kill grace ({bound:g} s)"
+        add("cancel latency", goal, measured, jobs.cancel_ms.max <= bound * 1000)
     idle = next((run for run in report.idle if run.runner == "runner-daemon"), None)
     if idle is not None:
         measured = f"{idle.rss_mb:.1f} MB (peak {idle.peak_mb:.1f} MB)"
@@ -175,11 +181,49 @@ def format_report(report: Report) -> str:
             for idle in report.idle
         ]
         lines += ["", *_table(["runner", "CPU s", "% of one core", "RSS MB", "peak MB", "READY s"], rows)]
+    if report.jobs is not None:
+        lines += _jobs_lines(report.jobs, where)
     if report.targets:
         lines += ["", *_table(["target", "goal", "measured", ""], [
             [target.name, target.goal, target.measured, target.status] for target in report.targets
         ])]  # fmt: skip
     return "\n".join(lines)
+
+
+def _jobs_lines(jobs: JobsRun, where: str) -> list[str]:
+    """``--jobs``: the workload, the latencies' table, and what bounds a cancel."""
+    lines = [
+        f"{jobs.count:,} short jobs, then {jobs.count:,} long ones cancelled, one at a time; "
+        f"runner-daemon {jobs.version}, max_jobs {jobs.max_jobs}, jobs/next held "
+        f"{jobs.poll_hold_seconds:g} s; heartbeat every {jobs.heartbeat_seconds:g} s, kill grace "
+        f"{jobs.kill_grace_seconds:g} s; {where}"
+    ]
+    rows: list[tuple[str, Latency]] = [
+        ("start: created -> agent running", jobs.start_ms),
+        ("  of which polled -> agent running", jobs.start_in_daemon_ms),
+        ("cancel: cancel -> process gone", jobs.cancel_ms),
+    ]
+    table = [
+        [name, str(jobs.count)] + [f"{value:.1f}" for value in (lat.p50, lat.p90, lat.p99, lat.max)]
+        for name, lat in rows
+    ]
+    lines += ["", *_table(["jobs", "n", "p50 ms", "p90 ms", "p99 ms", "max ms"], table), ""]
+    lines.append(
+        f"cancel <= heartbeat interval + kill grace = {jobs.cancel_bound_seconds:g} s: the cancel reaches "
+        "the daemon in the endpoint runner's next heartbeat, then the job's process group gets "
+        "SIGTERM, SIGKILL after the grace (this agent exits at SIGTERM); each cancel is sent at a "
+        "random moment of the heartbeat period."
+    )
+    lines.append(
+        "start: from the job's created_at on the server to the agent's first statement (one "
+        "machine, one clock), its Python interpreter's start-up included; polled: from the "
+        "server's started_at, when the daemon's held jobs/next took the job."
+    )
+    lines.append(
+        f"jobs: {jobs.completed} of {jobs.count} completed, {jobs.cancelled} of {jobs.count} cancelled "
+        f"{jobs.statuses}; READY in {jobs.ready_seconds:.3f} s; exit {jobs.exit_status}"
+    )
+    return lines
 
 
 def format_json(report: Report) -> str:

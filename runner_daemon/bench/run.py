@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -33,6 +33,7 @@ from runner_daemon.bench.children import (
     opik_environ,
     signals_raise,
 )
+from runner_daemon.bench.jobs import JobsBench, jobs_heartbeat
 from runner_daemon.bench.load_client import LoadClient, submit, wait_final
 from runner_daemon.bench.probes import cpu_seconds, memory_mb
 from runner_daemon.bench.records import (
@@ -110,8 +111,8 @@ class Bench:
         """A child's output file, kept in the scratch folder (which stays when the bench fails)."""
         return open(self.logs / name, "wb")
 
-    async def start_devserver(self) -> None:
-        argv, env = devserver_command(max_pending=self.options.window + 50)
+    async def start_devserver(self, heartbeat_ttl: float = 15.0) -> None:
+        argv, env = devserver_command(max_pending=self.options.window + 50, heartbeat_ttl=heartbeat_ttl)
         with self._log("devserver.log") as stderr:
             proc = self.children.spawn(argv, env, stdout=subprocess.PIPE, stderr=stderr, cwd=self.scratch)
         assert proc.stdout is not None
@@ -170,16 +171,24 @@ class Bench:
         return [*argv, self.options.opik_client], {**opik_environ(self.url), "NOTIFY_SOCKET": address}
 
     async def start_runner(self, kind: RunnerKind, name: str) -> Runner:
-        """Create a runner on the dev server and spawn its process with a NOTIFY_SOCKET of ours;
-        the time from the spawn to its READY=1 is its start-up time."""
+        """Create a runner on the dev server and spawn its process (:meth:`spawn_runner`)."""
         created = await self.client.request("POST", "dev/runners", {"name": name})
         runner_id = str(created["runner_id"])
+        return await self.spawn_runner(
+            kind, runner_id, lambda address: self._runner_command(kind, runner_id, address)
+        )
+
+    async def spawn_runner(
+        self, kind: RunnerKind, runner_id: str, command: Callable[[str], tuple[list[str], dict[str, str]]]
+    ) -> Runner:
+        """Spawn ``command(notify address)`` with a NOTIFY_SOCKET of ours; the time from the
+        spawn to its READY=1 is its start-up time."""
         address = str(self.scratch / f"notify-{runner_id[:8]}.sock")
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             notify.bind(address)
             notify.settimeout(0.1)
-            argv, env = self._runner_command(kind, runner_id, address)
+            argv, env = command(address)
             with self._log(f"{kind}-{runner_id[:8]}.log") as log:
                 spawned = time.monotonic()
                 proc = self.children.spawn(argv, env, stdout=log, stderr=log, cwd=self.scratch)
@@ -321,6 +330,8 @@ class Bench:
         options = self.options
         report = Report(options=asdict(options))
         self.make_workspace()
+        if options.jobs:
+            return await self.run_jobs(report)
         await self.start_devserver()
         report.devserver_url = self.url
         kinds: list[RunnerKind] = ["runner-daemon"]
@@ -341,9 +352,23 @@ class Bench:
         report.targets = evaluate_targets(report, options)
         return report
 
+    async def run_jobs(self, report: Report) -> Report:
+        """``--jobs``: the dev server, then the daemon serving an endpoint runner (:mod:`.jobs`)."""
+        heartbeat = jobs_heartbeat(self.options)
+        await self.start_devserver(heartbeat_ttl=max(15.0, 3 * heartbeat))
+        report.devserver_url = self.url
+        self.client = LoadClient(self.url)
+        try:
+            report.jobs = await JobsBench(self, heartbeat).run()
+        finally:
+            await self.client.aclose()
+        report.targets = evaluate_targets(report, options=self.options)
+        return report
+
 
 def run_bench(args: argparse.Namespace) -> int:
-    """The ``bench`` command's body; exit 1 when the bench could not measure or commands failed."""
+    """The ``bench`` command's body; exit 1 when the bench could not measure or commands (jobs)
+    failed."""
     options = Options.from_args(args)
     problem = options.check()
     if problem:
@@ -369,5 +394,8 @@ def run_bench(args: argparse.Namespace) -> int:
         print(format_json(report))
     else:
         print(format_report(report))
-    incomplete = [run for run in report.load if run.completed != run.count]
+    incomplete = any(run.completed != run.count for run in report.load)
+    jobs = report.jobs
+    if jobs is not None and not jobs.completed == jobs.cancelled == jobs.count:
+        incomplete = True
     return 1 if incomplete else 0
