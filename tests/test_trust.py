@@ -266,7 +266,7 @@ async def test_pairing_that_nobody_approves_expires(
     devserver: DevServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = load_settings(None, {"url": devserver.url, "state_directory": tmp_path / "state"})
-    args = argparse.Namespace(project_id=uuid.uuid4(), project_name=None, name="late", ttl=60)
+    args = argparse.Namespace(project_id=uuid.uuid4(), project_name=None, name="late", ttl=60, type="connect")
     real_wait = pairing.wait_until_connected
 
     async def impatient(api: DevClient, pending: pairing.PendingPairing, ttl: float, tick: Any) -> bytes:
