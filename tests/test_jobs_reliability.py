@@ -28,6 +28,7 @@ from runner_daemon.core.settings import Settings
 from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.records import DevServerConfig
 from runner_daemon.devserver.server import DevServer
+from runner_daemon.jobs.execute import LOG_FLUSH_SECONDS
 from runner_daemon.service import credentials
 from tests.support import (
     FAST,
@@ -220,10 +221,12 @@ def restartable(tmp_path: Path) -> Iterator[list[DevServer]]:
     servers[-1].stop()
 
 
-async def test_a_job_that_ends_during_a_server_outage_reports_and_logs_after_it(
-    restartable: list[DevServer], agents_root: Path, marks: Path
+async def job_across_an_outage(
+    servers: list[DevServer], agents_root: Path, marks: Path, outage_seconds: float
 ) -> None:
-    first = restartable[0]
+    """A job ends while the dev server is down for ``outage_seconds``; once it is back (same
+    port, same state), the job's logs and its result land, complete."""
+    first = servers[0]
     async with DevClient(first.url) as api:
         endpoint_id = await api.dev_create_runner("jobs", type="endpoint", project_id=PROJECT)
         async with running_daemon(jobs_settings(first.url, endpoint_id, agents_root)) as running:
@@ -238,16 +241,29 @@ async def test_a_job_that_ends_during_a_server_outage_reports_and_logs_after_it(
             await anyio.to_thread.run_sync(first.stop)  # Opik is down ...
             (marks / "out.gate").touch()
             await until(lambda: process_gone(agent.pid), 20)  # ... while the job ends
-            await anyio.sleep(1.0)  # the daemon meets the outage with its logs and its report
-            restartable.append(
-                DevServer(port=first.port, config=CONFIG, state_file=first.state_file).start()
-            )
-            job = await finished(api, job_id)
+            await anyio.sleep(outage_seconds)  # the daemon meets the outage with its logs and report
+            servers.append(DevServer(port=first.port, config=CONFIG, state_file=first.state_file).start())
+            job = await finished(api, job_id, 60 + outage_seconds)
             logs = await api.job_logs(job_id)
     assert job.status == "completed", job.error
     assert job.result == {"token": "out", "trace": agent.trace}
     assert job.trace_id == agent.trace
     assert stdout_of(logs) == expected_lines("out", 300)
+
+
+async def test_a_job_that_ends_during_a_server_outage_reports_and_logs_after_it(
+    restartable: list[DevServer], agents_root: Path, marks: Path
+) -> None:
+    await job_across_an_outage(restartable, agents_root, marks, 1.0)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_outage_longer_than_the_log_flush_bound_loses_no_log_line(
+    restartable: list[DevServer], agents_root: Path, marks: Path
+) -> None:
+    """The final report is journalled before the job's last lines wait out the outage, so
+    waiting for them longer than a bound costs no result on a crash."""
+    await job_across_an_outage(restartable, agents_root, marks, LOG_FLUSH_SECONDS + 5)
 
 
 JOB_FAULTS = {
@@ -296,6 +312,7 @@ async def test_reports_and_logs_survive_errors_and_resets(
 def cli(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "runner_daemon", *argv],
+        check=False,
         cwd=REPO,
         env=env,
         capture_output=True,
