@@ -11,8 +11,11 @@ Run alone: ``.venv/bin/pytest -m reliability``.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import signal
 import subprocess
+import sys
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -25,10 +28,18 @@ import anyio
 import pytest
 
 from runner_daemon.core.errors import ApiError
+from runner_daemon.core.models import Job
 from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer, DevServerConfig
 from tests.summary import SummaryTable, summary_table
-from tests.support import DaemonProcesses, daemon_environment, finish, started_in_journal, until
+from tests.support import (
+    DaemonProcesses,
+    daemon_environment,
+    finish,
+    process_gone,
+    started_in_journal,
+    until,
+)
 
 pytestmark = [
     pytest.mark.reliability,
@@ -310,3 +321,271 @@ async def test_sigterm_drain_then_restart(
     # not run; everything else completes, by the first daemon or the second.
     assert all(e["code"] == "cancelled" and "not started" in e["message"] for e in errors), errors
     assert row.failed == len(errors)
+
+
+# --- jobs: the same faults for the endpoint runner's jobs -----------------------------------
+#
+# Each jobs scenario runs JOBS jobs of one declared agent through a real daemon process. Every
+# agent writes its pid and appends its token to an executions log as it starts, so the row can
+# tell a job run twice, and the end can check /proc for an agent left running.
+
+JOBS = 60
+JOBS_PROJECT = "0193a5c2-0000-7000-8000-00000000feed"
+JOBS_SERVER = dataclasses.replace(SUITE_SERVER, jobs_poll_hold_seconds=1.0, job_reaper_interval_seconds=1.0)
+JOB_TERMINAL = {"completed", "failed", "cancelled"}
+RESTARTED = "the runner restarted while this job ran"
+JOB_AGENT = """
+import json, os, sys, time
+inputs = json.load(sys.stdin)
+token, marks = inputs["token"], inputs["marks"]
+with open(os.path.join(marks, "pids", token + ".tmp"), "w") as out:
+    out.write(str(os.getpid()))
+os.replace(os.path.join(marks, "pids", token + ".tmp"), os.path.join(marks, "pids", token))
+fd = os.open(os.path.join(marks, "executions.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+os.write(fd, (token + "\\n").encode())
+os.fsync(fd)
+os.close(fd)
+time.sleep(float(inputs["seconds"]))
+for n in range(3):
+    print(token, n)
+with open(os.environ["OPIK_RESULT_FILE"], "w") as out:
+    json.dump({"result": {"token": token}}, out)
+"""
+
+
+@dataclass
+class JobsHarness:
+    server: DevServer
+    api: DevClient
+    endpoint_id: str
+    workspace: Path
+    state: Path
+    daemons: DaemonProcesses
+    table: SummaryTable
+
+    @property
+    def marks(self) -> Path:
+        return self.workspace / "marks"
+
+    def start_daemon(self) -> subprocess.Popen[str]:
+        jobs = {
+            "enabled": True,
+            "runner_id": self.endpoint_id,
+            "max_jobs": 4,
+            "discover": False,
+            "kill_grace_seconds": 1,
+            "agents": {
+                "count": {
+                    "command": [sys.executable, "-S", str(self.workspace / "agent.py")],
+                    "params": [
+                        {"name": "token", "type": "string"},
+                        {"name": "marks", "type": "string"},
+                        {"name": "seconds", "type": "float"},
+                    ],
+                }
+            },
+        }
+        env = daemon_environment(
+            self.server.url,
+            str(uuid.uuid4()),
+            self.workspace,
+            state_directory=self.state,
+            bridge__enabled="false",
+            jobs=json.dumps(jobs),
+            **DAEMON,
+        )
+        return self.daemons.spawn(env)
+
+    async def ready(self) -> None:
+        async def registered() -> bool:
+            try:
+                runner = await self.api.get_runner(self.endpoint_id)
+            except ApiError:
+                return False
+            return runner.status == "connected" and [a.name for a in runner.agents] == ["count"]
+
+        await until(registered, 30)
+
+    async def submit(self, count: int, seconds: float = 0.02) -> list[str]:
+        ids = []
+        for _ in range(count):
+            inputs = {"token": uuid.uuid4().hex, "marks": str(self.marks), "seconds": seconds}
+            ids.append(await self.api.create_job(JOBS_PROJECT, "count", inputs))
+        return ids
+
+    async def jobs(self, ids: list[str]) -> dict[str, Job]:
+        return {job_id: await self.api.get_job(job_id) for job_id in ids}
+
+    async def settle(self, ids: list[str], timeout: float = 120) -> None:
+        async def all_terminal() -> bool:
+            return all(job.status in JOB_TERMINAL for job in (await self.jobs(ids)).values())
+
+        try:
+            await until(all_terminal, timeout)
+        except TimeoutError:
+            statuses = Counter(job.status for job in (await self.jobs(ids)).values())
+            logs = [proc.output()[1][-3000:] for proc in self.daemons.running()]
+            raise AssertionError(f"not all terminal after {timeout}s: {dict(statuses)}\n{logs}") from None
+
+    def leftover_agents(self) -> list[int]:
+        """Agents still running: a pid an agent wrote whose process still runs agent.py."""
+        left = []
+        for pidfile in (self.marks / "pids").iterdir():
+            if pidfile.suffix == ".tmp":
+                continue
+            pid = int(pidfile.read_text())
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except FileNotFoundError:
+                continue
+            if b"agent.py" in cmdline and not process_gone(pid):
+                left.append(pid)
+        return left
+
+    async def record(self, fault: str, ids: list[str]) -> Row:
+        jobs = await self.jobs(ids)
+        executions = Counter(self.marks.joinpath("executions.log").read_text().split())
+        tokens = {job_id: job.inputs["token"] for job_id, job in jobs.items()}
+
+        async def lost(job: Job) -> bool:
+            if job.status == "completed":
+                logs = [entry.text for entry in await self.api.job_logs(job.id)]
+                token = tokens[job.id]
+                return job.result != {"token": token} or logs != [f"{token} {n}" for n in range(3)]
+            return job.status != "failed" or not job.error
+
+        row = Row(
+            fault=fault,
+            submitted=len(ids),
+            completed=sum(job.status == "completed" for job in jobs.values()),
+            failed=sum(job.status == "failed" for job in jobs.values()),
+            lost=sum([await lost(job) for job in jobs.values()]),
+            duplicated=sum(executions[tokens[i]] > 1 for i in ids),
+        )
+        self.table.add(row.line())
+        assert [job.id for job in jobs.values() if job.status in ("pending", "running")] == []
+        assert self.leftover_agents() == []
+        return row
+
+
+@asynccontextmanager
+async def jobs_harness(
+    tmp_path: Path, daemons: DaemonProcesses, table: SummaryTable
+) -> AsyncIterator[JobsHarness]:
+    workspace = tmp_path / "ws"
+    (workspace / "marks" / "pids").mkdir(parents=True)
+    (workspace / "agent.py").write_text(JOB_AGENT)
+    server = DevServer(port=0, config=JOBS_SERVER).start()
+    try:
+        async with DevClient(server.url, request_timeout=10) as api:
+            endpoint_id = await api.dev_create_runner("jobs", type="endpoint", project_id=JOBS_PROJECT)
+            yield JobsHarness(server, api, endpoint_id, workspace, tmp_path / "state", daemons, table)
+    finally:
+        server.stop()
+
+
+# No after-processing resets on jobs/next: a job the server handed to a poll whose answer was
+# lost is running on the server and unknown to every runner (Opik's reaper fails it after its
+# timeout), as for bridge commands.
+JOB_PROFILES = {
+    "jobs: 5xx bursts (30%)": {
+        "error_rate": 0.3,
+        "routes": ["heartbeat", "jobs_next", "job_report", "job_logs", "agents", "checklist"],
+        "seed": 21,
+    },
+    "jobs: resets (30%)": {
+        "reset_rate": 0.15,
+        "reset_after_processing_rate": 0.15,
+        "reset_after_processing_routes": ["job_report"],
+        "routes": ["jobs_next", "job_report"],
+        "seed": 23,
+    },
+}
+
+
+def check_jobs(row: Row, table: SummaryTable) -> None:
+    assert row.lost == 0, table.render()
+    assert row.duplicated == 0, table.render()
+    assert row.completed + row.failed == row.submitted, table.render()
+
+
+@pytest.mark.parametrize("fault", list(JOB_PROFILES))
+async def test_jobs_fault_profile(
+    tmp_path: Path, daemons: DaemonProcesses, faults_table: SummaryTable, fault: str
+) -> None:
+    async with jobs_harness(tmp_path, daemons, faults_table) as h:
+        proc = h.start_daemon()
+        await h.ready()
+        await h.api.dev_post("faults/profile", JOB_PROFILES[fault])
+        ids = await h.submit(JOBS)
+        await h.settle(ids)
+        await h.api.dev_post("faults/clear", {})
+        proc.send_signal(signal.SIGTERM)
+        await finish(proc)
+        assert proc.returncode == 0
+        row = await h.record(fault, ids)
+    check_jobs(row, faults_table)
+    assert row.completed == JOBS
+
+
+async def test_jobs_daemon_sigkill_mid_job_then_restart(
+    tmp_path: Path, daemons: DaemonProcesses, faults_table: SummaryTable
+) -> None:
+    async with jobs_harness(tmp_path, daemons, faults_table) as h:
+        first = h.start_daemon()
+        await h.ready()
+        # Fewer long jobs than slots, so the daemon keeps polling while they run.
+        first_half = await h.submit(JOBS // 2)
+        long_ones = await h.submit(3, seconds=600)
+        ids = first_half + long_ones + await h.submit(JOBS - JOBS // 2 - len(long_ones))
+
+        async def long_ones_started() -> bool:
+            return set(long_ones) <= started_in_journal(h.state)
+
+        await until(long_ones_started, 60)
+        # As for commands: polls from now on are held before the server hands out a job, so the
+        # kill lands mid-job and not while a poll's answer is on its way.
+        await h.api.dev_post("faults/profile", {"routes": ["jobs_next"], "latency_ms": 600_000})
+
+        async def every_running_job_journalled() -> bool:
+            running = {i for i, job in (await h.jobs(ids)).items() if job.status == "running"}
+            return running >= set(long_ones) and running <= started_in_journal(h.state)
+
+        await until(every_running_job_journalled, 60)
+        first.kill()
+        await finish(first)
+        await h.api.dev_post("faults/clear", {})
+        second = h.start_daemon()
+        await h.settle(ids)
+        second.send_signal(signal.SIGTERM)
+        await finish(second)
+        assert second.returncode == 0
+        row = await h.record("jobs: SIGKILL + restart", ids)
+        errors = Counter(job.error for job in (await h.jobs(ids)).values() if job.status == "failed")
+    check_jobs(row, faults_table)
+    # The jobs that were running are failed by the next start, never run again.
+    assert row.failed >= len(long_ones) and errors == {RESTARTED: row.failed}
+
+
+async def test_jobs_sigterm_drain_then_restart(
+    tmp_path: Path, daemons: DaemonProcesses, faults_table: SummaryTable
+) -> None:
+    async with jobs_harness(tmp_path, daemons, faults_table) as h:
+        first = h.start_daemon()
+        await h.ready()
+        ids = await h.submit(JOBS, seconds=0.1)
+        await until(lambda: len(started_in_journal(h.state)) >= 4, 60)
+        first.send_signal(signal.SIGTERM)
+        await finish(first)
+        assert first.returncode == 0
+        second = h.start_daemon()  # picks up what was never polled
+        await h.settle(ids)
+        second.send_signal(signal.SIGTERM)
+        await finish(second)
+        assert second.returncode == 0
+        row = await h.record("jobs: SIGTERM drain+restart", ids)
+        errors = [job.error for job in (await h.jobs(ids)).values() if job.status == "failed"]
+    check_jobs(row, faults_table)
+    # A job the first daemon's open poll brought after the stop is failed, not run; every
+    # other one completes, by the first daemon or the second.
+    assert all(error == "The runner is shutting down; the job was not started" for error in errors), errors

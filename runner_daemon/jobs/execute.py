@@ -65,7 +65,8 @@ RESULT_FILE_NAME = "result.json"
 MAX_RESULT_BYTES = 4 * 1024 * 1024
 # Opik's job timeout when none is set (a job always carries one; this guards a 0).
 DEFAULT_TIMEOUT_SECONDS = 1800
-# How long the last log lines may take to reach Opik before the result is reported anyway.
+# How long the last log lines may take to reach Opik before run_job returns (the loop then
+# journals the result and waits on for the lines, still sending them before the result).
 LOG_FLUSH_SECONDS = 30.0
 # The same when the job is cancelled: the daemon may be stopping.
 CANCEL_FLUSH_SECONDS = 2.0

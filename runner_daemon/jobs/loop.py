@@ -3,7 +3,9 @@
 One job's path, forward only: :meth:`JobsLoop.poll` (``jobs/next``: the job is ``running`` on
 the server from that moment) → :meth:`JobsLoop.dispatch` → the journal's ``started`` line
 (with the job's trace id) → the ``running`` report → :func:`~runner_daemon.jobs.execute.run_job`
-(its own process group; its logs shipped as they come) → the final report through the outbox.
+(its own process group; its logs shipped as they come) → the final report journalled → the
+job's last log lines, if Opik was down (they wait as long as the report may, and go first) →
+the report delivered through the outbox.
 A cancel from the UI arrives in the endpoint runner's heartbeat and cancels the job's scope:
 its process group is killed, and no report follows (Opik ignores one on a cancelled job).
 """
@@ -11,6 +13,7 @@ its process group is killed, and no report follows (Opik ignores one on a cancel
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -24,7 +27,7 @@ from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.errors import ApiError, Fatal, JournalUnavailable
 from runner_daemon.core.ids import uuid7
 from runner_daemon.core.liveness import Liveness
-from runner_daemon.core.models import JOBS_CAPABILITY, Job, LogEntry
+from runner_daemon.core.models import JOBS_CAPABILITY, Job
 from runner_daemon.core.outbox import Outbox, OwedResult
 from runner_daemon.core.retry import Backoff, retrying
 from runner_daemon.core.settings import Settings
@@ -253,24 +256,38 @@ class JobsLoop:
     async def _run(self, job: Job, scope: anyio.CancelScope, refusal: str | None) -> None:
         trace_id = uuid7()
         try:
-            try:
-                await self._outbox.started(
-                    self._runner_id, job.id, job.agent_name, kind="job", trace_id=trace_id
-                )
-            except JournalUnavailable as exc:
-                body: bytes | None = encode_job_report("failed", error=f"Not run: {exc}")
-            else:
-                body = await self._execute(job, scope, trace_id, refusal)
-            if body is None:  # cancelled from Opik: a report would be ignored
-                self.stats.cancelled += 1
-                await self._outbox.done(job.id)
-            else:
-                await self.reporter.report(job.id, job.agent_name, body)
+            async with LogShipper(
+                functools.partial(self._api.post_job_logs, job.id),
+                max_lines=self._settings.jobs.max_log_lines,
+                backoff=Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds),
+            ) as logs:
+                try:
+                    await self._outbox.started(
+                        self._runner_id, job.id, job.agent_name, kind="job", trace_id=trace_id
+                    )
+                except JournalUnavailable as exc:
+                    body: bytes | None = encode_job_report("failed", error=f"Not run: {exc}")
+                else:
+                    body = await self._execute(job, scope, trace_id, refusal, logs)
+                if body is None:  # cancelled from Opik: a report would be ignored
+                    self.stats.cancelled += 1
+                    await self._outbox.done(job.id)
+                    return
+                entry = await self.reporter.journal(job.id, job.agent_name, body)
+                await self._last_lines(logs, entry)
+            await self.reporter.deliver(entry)
         finally:
             self._release(job.id)
 
+    async def _last_lines(self, logs: LogShipper, entry: OwedResult) -> None:
+        """Lines :func:`run_job` could not send within its bound (Opik is down): they wait as
+        long as the report may, and still go first. The report is journalled by now, so a
+        crash while they wait costs the lines, never the result."""
+        if logs.unsent:
+            await logs.flush(entry.created + self._settings.result_ttl_seconds - time.time())
+
     async def _execute(
-        self, job: Job, scope: anyio.CancelScope, trace_id: str, refusal: str | None
+        self, job: Job, scope: anyio.CancelScope, trace_id: str, refusal: str | None, logs: LogShipper
     ) -> bytes | None:
         """The final report's body; None when Opik cancelled the job (nothing to report)."""
         bound = log.bind(job_id=job.id, agent=job.agent_name)
@@ -292,7 +309,7 @@ class JobsLoop:
             )
             with scope:
                 bound.info("job started", trace_id=trace_id)
-                outcome = await self._run_agent(spec, job, trace_id)
+                outcome = await self._run_agent(spec, job, trace_id, logs)
             running.cancel_scope.cancel()  # the final report carries the trace id too
         duration_ms = int((time.monotonic() - start) * 1000)
         if outcome is None:
@@ -311,22 +328,17 @@ class JobsLoop:
             outcome.status, result=outcome.result, error=outcome.error, trace_id=trace_id
         )
 
-    async def _run_agent(self, spec: AgentSpec, job: Job, trace_id: str) -> JobOutcome:
-        """The agent's process, its logs shipped as they come (all sent before this returns)."""
-
-        async def send(entries: list[LogEntry]) -> None:
-            await self._api.post_job_logs(job.id, entries)
-
-        async with LogShipper(send, max_lines=self._settings.jobs.max_log_lines) as logs:
-            return await run_job(
-                spec,
-                job,
-                trace_id,
-                settings=self._settings,
-                logs=logs,
-                sandbox=self._sandbox,
-                bridge_key=self._bridge_key,
-            )
+    async def _run_agent(self, spec: AgentSpec, job: Job, trace_id: str, logs: LogShipper) -> JobOutcome:
+        """The agent's process, its logs shipped as they come."""
+        return await run_job(
+            spec,
+            job,
+            trace_id,
+            settings=self._settings,
+            logs=logs,
+            sandbox=self._sandbox,
+            bridge_key=self._bridge_key,
+        )
 
     # --- recovery, slots and the drain -----------------------------------------------------
 

@@ -41,11 +41,11 @@ class JobReporter:
     def entry(self, job_id: str, agent_name: str, body: bytes, runner_id: str | None = None) -> OwedResult:
         return OwedResult(runner_id or self._runner_id, job_id, agent_name, body, time.time(), "job")
 
-    async def report(self, job_id: str, agent_name: str, body: bytes) -> bool:
-        """Journal the final report, then deliver it; True once Opik holds it."""
+    async def journal(self, job_id: str, agent_name: str, body: bytes) -> OwedResult:
+        """Journal the final report, to :meth:`deliver` next: from here a crash costs no result."""
         entry = self.entry(job_id, agent_name, body)
         await self._outbox.result(entry)
-        return await self.deliver(entry)
+        return entry
 
     async def send_running(self, job_id: str, body: bytes) -> None:
         """The ``running`` report (it carries the trace id, so the UI links it early): retried
