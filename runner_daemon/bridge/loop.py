@@ -26,6 +26,7 @@ from runner_daemon.bridge.reporter import Reporter
 from runner_daemon.bridge.results import Outcome
 from runner_daemon.bridge.stats import LoopStats
 from runner_daemon.core.api import RunnerApi
+from runner_daemon.core.claims import Claims
 from runner_daemon.core.errors import ApiError, Fatal, JournalUnavailable, RateLimited
 from runner_daemon.core.liveness import Liveness
 from runner_daemon.core.models import BridgeCommand
@@ -78,15 +79,14 @@ class BridgeLoop:
         self.reporter = Reporter(api, settings, stats, outbox, bridge_key, frozenset(registry))
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
         # Commands claimed from the server and not yet reported, with their cancel scopes.
-        self._claimed: dict[str, anyio.CancelScope] = {}
-        self._changed = anyio.Event()
+        self._claims = Claims(settings.max_concurrency, self.liveness)
         self._poll_scope: anyio.CancelScope | None = None
         self._backoff_scope: anyio.CancelScope | None = None
         self.stopping = False
 
     @property
     def in_flight(self) -> int:
-        return len(self._claimed)
+        return len(self._claims)
 
     def stop_polling(self, poll_grace: float | None = None) -> None:
         """No new poll; an open poll may still answer for ``poll_grace`` seconds (None: none).
@@ -104,11 +104,7 @@ class BridgeLoop:
             else:
                 deadline = anyio.current_time() + poll_grace
                 self._poll_scope.deadline = min(self._poll_scope.deadline, deadline)
-        self._notify()
-
-    def cancel_in_flight(self) -> None:
-        for scope in self._claimed.values():
-            scope.cancel()
+        self._claims.notify()
 
     async def run(self, work: TaskGroup) -> None:
         """Poll and dispatch until :meth:`stop_polling`; commands run in ``work``.
@@ -119,7 +115,7 @@ class BridgeLoop:
         backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
         while not self.stopping:
             self.liveness.tick()
-            await self._wait_for_free_slot()
+            await self._claims.wait_for_free_slot(lambda: self.stopping)
             await self._wait_for_journal()
             await self._gather_slots()
             self.liveness.tick()
@@ -128,7 +124,7 @@ class BridgeLoop:
             with anyio.CancelScope() as self._poll_scope:
                 if self.stopping:
                     break
-                asked = min(self._free_slots(), MAX_POLL_COMMANDS)
+                asked = min(self._claims.free, MAX_POLL_COMMANDS)
                 try:
                     items = await self.poll(asked)
                 except ApiError as exc:
@@ -166,11 +162,10 @@ class BridgeLoop:
                 self._stats.dropped += 1
                 log.error("ignoring a poll item that cannot be answered", problem=parsed)
                 continue
-            if parsed.command_id in self._claimed:
+            if parsed.command_id in self._claims:
                 log.warning("poll returned a command already in flight", command_id=parsed.command_id)
                 continue
-            scope = anyio.CancelScope()
-            self._claimed[parsed.command_id] = scope
+            scope = self._claims.claim(parsed.command_id)
             if self.outbox.known(parsed.command_id):
                 work.start_soon(self._answer_again, parsed)
             elif asked is not None and index >= asked:
@@ -184,7 +179,9 @@ class BridgeLoop:
 
     async def _refuse_in_turn(self, commands: list[BridgeCommand | MalformedCommand]) -> None:
         for command in commands:
-            await self._run_command(command, self._claimed[command.command_id], EXCESS)
+            scope = self._claims.get(command.command_id)
+            assert scope is not None  # claimed in dispatch, released only by this task
+            await self._run_command(command, scope, EXCESS)
 
     async def _run_command(
         self, command: BridgeCommand | MalformedCommand, scope: anyio.CancelScope, refusal: str | None
@@ -260,9 +257,9 @@ class BridgeLoop:
         if entries:
             log.info("delivering results owed from before the restart", results=len(entries))
         for entry in entries:
-            if entry.command_id in self._claimed:
+            if entry.command_id in self._claims:
                 continue
-            self._claimed[entry.command_id] = anyio.CancelScope()
+            self._claims.claim(entry.command_id)
             work.start_soon(self._redeliver, entry)
 
     async def _redeliver(self, entry: OwedResult) -> None:
@@ -272,25 +269,7 @@ class BridgeLoop:
             self._release(entry.command_id)
 
     def _release(self, command_id: str) -> None:
-        """The command's result is delivered (or given up): its slot is free again."""
-        del self._claimed[command_id]
-        self._notify()
-
-    def _free_slots(self) -> int:
-        return self._settings.max_concurrency - len(self._claimed)
-
-    def _notify(self) -> None:
-        """Wake every waiter; each waits on the event current when it started waiting."""
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    async def _wait_for_free_slot(self) -> None:
-        self.liveness.parked = True
-        try:
-            while self._free_slots() <= 0 and not self.stopping:
-                await self._changed.wait()
-        finally:
-            self.liveness.parked = False
+        self._claims.release(command_id)
 
     async def _gather_slots(self) -> None:
         """Under load, let a few more slots free up before polling, for a short while at most.
@@ -302,8 +281,8 @@ class BridgeLoop:
         """
         wanted = max(1, self._settings.max_concurrency // 2)
         with anyio.move_on_after(POLL_GATHER_SECONDS):
-            while self._claimed and self._free_slots() < wanted and not self.stopping:
-                await self._changed.wait()
+            while len(self._claims) and self._claims.free < wanted and not self.stopping:
+                await self._claims.changed.wait()
 
     async def _wait_for_journal(self) -> None:
         """Back-pressure: while the outbox cannot be written, take no command (deliveries go on)."""
@@ -318,8 +297,7 @@ class BridgeLoop:
         self._backoff_scope = None
 
     async def wait_idle(self) -> None:
-        while self._claimed:
-            await self._changed.wait()
+        await self._claims.wait_idle()
 
     async def _poll_failed(self, exc: ApiError, backoff: Backoff) -> None:
         self._stats.poll_errors += 1
@@ -339,7 +317,7 @@ class BridgeLoop:
         """
         while True:
             try:
-                asked = min(max(1, self._free_slots()), MAX_POLL_COMMANDS)
+                asked = min(max(1, self._claims.free), MAX_POLL_COMMANDS)
                 items = await self._api.poll(self._runner_id, asked, wait=wait)
             except ApiError:
                 return  # nothing came within the wait (or the server is gone): nothing pending
@@ -349,17 +327,4 @@ class BridgeLoop:
 
     async def drain(self, grace: float, work: TaskGroup) -> int:
         """Let in-flight commands finish, then cancel and report the rest; returns unreported."""
-        if self._claimed:
-            log.info("draining in-flight commands", in_flight=len(self._claimed), grace_seconds=grace)
-        with anyio.move_on_after(grace):
-            await self.wait_idle()
-        if self._claimed:
-            log.warning("grace period over; cancelling commands", in_flight=len(self._claimed))
-            self.cancel_in_flight()
-        with anyio.move_on_after(FINAL_REPORT_SECONDS):
-            await self.wait_idle()
-        unreported = len(self._claimed)
-        if unreported:
-            log.error("exiting with results not delivered", commands=sorted(self._claimed))
-            work.cancel_scope.cancel()
-        return unreported
+        return await self._claims.drain(grace, FINAL_REPORT_SECONDS, work, "commands")

@@ -24,6 +24,7 @@ import structlog
 from anyio.abc import TaskGroup
 
 from runner_daemon.core.api import RunnerApi
+from runner_daemon.core.claims import Claims
 from runner_daemon.core.errors import ApiError, Fatal, JournalUnavailable
 from runner_daemon.core.ids import uuid7
 from runner_daemon.core.liveness import Liveness
@@ -82,10 +83,9 @@ class JobsLoop:
         self.reporter = JobReporter(api, settings, outbox, self.stats)
         self.agents: dict[str, AgentSpec] = {}
         self.agents_ready = anyio.Event()  # set once the first set of agents is known
-        self._claimed: dict[str, anyio.CancelScope] = {}
+        self._claims = Claims(settings.jobs.max_jobs, self.liveness)
         self._cancelled_by_ui: set[str] = set()
         self._cancel_memory: OrderedDict[str, float] = OrderedDict()
-        self._changed = anyio.Event()
         self._poll_scope: anyio.CancelScope | None = None
         self._backoff_scope: anyio.CancelScope | None = None
         self.stopping = False
@@ -96,7 +96,7 @@ class JobsLoop:
 
     @property
     def in_flight(self) -> int:
-        return len(self._claimed)
+        return len(self._claims)
 
     # --- agents ---------------------------------------------------------------------------
 
@@ -161,7 +161,7 @@ class JobsLoop:
         """Stop these jobs: a running one's process group is killed; a later one never starts."""
         now = time.monotonic()
         for job_id in job_ids:
-            scope = self._claimed.get(job_id)
+            scope = self._claims.get(job_id)
             if scope is not None:
                 log.info("job cancelled from Opik; stopping it", job_id=job_id)
                 self._cancelled_by_ui.add(job_id)
@@ -188,7 +188,7 @@ class JobsLoop:
                 self._poll_scope.cancel()
             else:
                 self._poll_scope.deadline = min(self._poll_scope.deadline, anyio.current_time() + poll_grace)
-        self._notify()
+        self._claims.notify()
 
     async def run(self, work: TaskGroup) -> None:
         """Poll and dispatch until :meth:`stop_polling`; jobs run in ``work``."""
@@ -198,7 +198,7 @@ class JobsLoop:
         self._backoff_scope = None
         while not self.stopping:
             self.liveness.tick()
-            await self._wait_for_free_slot()
+            await self._claims.wait_for_free_slot(lambda: self.stopping)
             await self._wait_for_journal()
             job: Job | None = None
             failure: ApiError | None = None
@@ -231,11 +231,10 @@ class JobsLoop:
         return job
 
     def dispatch(self, job: Job, work: TaskGroup) -> None:
-        if job.id in self._claimed:
+        if job.id in self._claims:
             log.warning("poll returned a job already in flight", job_id=job.id)
             return
-        scope = anyio.CancelScope()
-        self._claimed[job.id] = scope
+        scope = self._claims.claim(job.id)
         if self._outbox.known(job.id):
             log.warning("Opik delivered a job this runner already ran; not running it again", job_id=job.id)
             work.start_soon(self._answer_again, job)
@@ -348,9 +347,9 @@ class JobsLoop:
         if entries:
             log.info("delivering job reports owed from before the restart", reports=len(entries))
         for entry in entries:
-            if entry.command_id in self._claimed:
+            if entry.command_id in self._claims:
                 continue
-            self._claimed[entry.command_id] = anyio.CancelScope()
+            self._claims.claim(entry.command_id)
             work.start_soon(self._redeliver, entry)
 
     async def _redeliver(self, entry: OwedResult) -> None:
@@ -360,21 +359,8 @@ class JobsLoop:
             self._release(entry.command_id)
 
     def _release(self, job_id: str) -> None:
-        del self._claimed[job_id]
         self._cancelled_by_ui.discard(job_id)
-        self._notify()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    async def _wait_for_free_slot(self) -> None:
-        self.liveness.parked = True
-        try:
-            while len(self._claimed) >= self._settings.jobs.max_jobs and not self.stopping:
-                await self._changed.wait()
-        finally:
-            self.liveness.parked = False
+        self._claims.release(job_id)
 
     async def _wait_for_journal(self) -> None:
         if self._outbox.failure is None:
@@ -388,20 +374,4 @@ class JobsLoop:
 
     async def drain(self, grace: float, work: TaskGroup) -> int:
         """Let running jobs finish, then stop and report the rest; returns the unreported."""
-        if self._claimed:
-            log.info("draining running jobs", in_flight=len(self._claimed), grace_seconds=grace)
-        with anyio.move_on_after(grace):
-            while self._claimed:
-                await self._changed.wait()
-        if self._claimed:
-            log.warning("grace period over; stopping jobs", in_flight=len(self._claimed))
-            for scope in self._claimed.values():
-                scope.cancel()
-        with anyio.move_on_after(FINAL_REPORT_SECONDS):
-            while self._claimed:
-                await self._changed.wait()
-        unreported = len(self._claimed)
-        if unreported:
-            log.error("exiting with job reports not delivered", jobs=sorted(self._claimed))
-            work.cancel_scope.cancel()
-        return unreported
+        return await self._claims.drain(grace, FINAL_REPORT_SECONDS, work, "jobs")
