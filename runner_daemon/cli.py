@@ -629,6 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--timeout", type=float, help="seconds allowed per runner's run (120 + 0.05 x count)")
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
     bench.add_argument(
+        "--repeat", type=int, default=1, metavar="N", help="run each runner N times, alternating; medians (1)"
+    )
+    bench.add_argument(
         "--jobs", action="store_true", help="job start and cancel latency instead (an endpoint runner)"
     )
     bench.add_argument(

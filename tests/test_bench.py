@@ -6,8 +6,15 @@ the test."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+from dataclasses import asdict
+
+from runner_daemon import __version__
+from runner_daemon.bench.records import Latency, LoadRun, Memory, Options, Report, RunnerKind
+from runner_daemon.bench.report import format_report
+from runner_daemon.cli import build_parser
 
 LOAD_FIELDS = {
     "runner",
@@ -134,7 +141,111 @@ def test_bench_refuses_bad_options() -> None:
         (["--heartbeat", "1"], "--heartbeat"),  # only with --jobs
         (["--jobs", "--heartbeat", "0"], "--heartbeat"),
         (["--jobs", "--compare", "opik"], "--jobs"),
+        (["--repeat", "0"], "--repeat"),
+        (["--jobs", "--repeat", "2"], "--repeat"),
     ]:
         done = bench(*args, timeout=60)
         assert done.returncode == 2, args
         assert named in done.stderr
+
+
+def test_bench_repeat_prints_every_run_then_the_medians() -> None:
+    """``--repeat 2``: a row per run, numbered by round, then a table of the medians."""
+    done = bench("--repeat", "2", "-n", "20", "--warmup", "5")
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    assert "2 rounds" in text
+    for round_number in (1, 2):
+        (row,) = [
+            line
+            for line in text.splitlines()
+            if line.startswith(f"| runner-daemon {__version__} #{round_number} ")
+        ]
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[1] == "20"  # done
+        assert f"runner-daemon #{round_number}: meanwhile the dev server used" in text
+    assert "Medians of the 2 runs" in text
+    (median,) = [
+        line for line in text.splitlines() if line.startswith(f"| runner-daemon {__version__} median ")
+    ]
+    assert all(float(cell.strip().replace(",", "")) >= 0 for cell in median.strip("|").split("|")[1:])
+    assert "Targets judged on the medians of the 2 runs" in text
+
+
+def test_bench_repeat_json_holds_every_run_and_the_medians() -> None:
+    done = bench("--repeat", "2", "-n", "20", "--warmup", "5", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["rounds"] == report["options"]["repeat"] == 2
+    runs = report["load"]
+    assert [(run["runner"], run["round"]) for run in runs] == [("runner-daemon", 1), ("runner-daemon", 2)]
+    assert all(run.keys() >= LOAD_FIELDS and run["completed"] == 20 for run in runs)
+    (median,) = report["medians"]["load"]
+    assert median["runner"] == "runner-daemon" and median["runs"] == 2
+    assert median.keys() >= LOAD_FIELDS - {"statuses", "error_codes", "exit_status"}
+    assert set(median["latency_ms"]) == {"p50", "p90", "p99", "max"}
+    assert report["medians"]["idle"] == []
+    assert report["ratios"] is None and report["ratio_spread"] is None  # no --compare
+    assert {"throughput", "latency p99", "RSS growth", "start to READY"} <= {
+        t["name"] for t in report["targets"]
+    }
+
+
+def test_bench_repeat_idle_json_holds_every_round() -> None:
+    done = bench("--idle", "0.5", "--repeat", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert [(run["runner"], run["round"]) for run in report["idle"]] == [
+        ("runner-daemon", 1),
+        ("runner-daemon", 2),
+    ]
+    (median,) = report["medians"]["idle"]
+    assert median["runs"] == 2
+    assert {"cpu_seconds", "rss_mb", "peak_mb", "ready_seconds", "cpu_percent_of_one_core"} <= median.keys()
+    assert "idle RSS" in {target["name"] for target in report["targets"]}
+
+
+def _load_run(kind: RunnerKind, round_number: int, throughput: float, p50: float) -> LoadRun:
+    return LoadRun(
+        runner=kind,
+        version="x",
+        count=100,
+        completed=100,
+        statuses={"completed": 100},
+        error_codes={},
+        seconds=1.0,
+        throughput=throughput,
+        latency_ms=Latency(p50, p50, p50, p50),
+        cpu_seconds=0.5,
+        memory_mb=Memory(40.0, 41.0, 42.0, 43.0),
+        ready_seconds=0.4,
+        round=round_number,
+    )
+
+
+def test_repeat_ratios_are_the_median_of_each_round_and_their_range() -> None:
+    """Pure logic: round i of ours against round i of Opik's, a NaN pair left out of the median."""
+    options = Options.from_args(build_parser().parse_args(["bench", "--repeat", "4", "--compare", "opik"]))
+    report = Report(options=asdict(options), rounds=4)
+    ours = [(100.0, 10.0), (300.0, 30.0), (200.0, 20.0), (250.0, math.nan)]
+    theirs = [(100.0, 20.0), (100.0, 20.0), (400.0, 20.0), (100.0, 20.0)]
+    for number, (mine, other) in enumerate(zip(ours, theirs, strict=True), start=1):
+        report.load += [_load_run("runner-daemon", number, *mine), _load_run("opik", number, *other)]
+    spread = report.ratio_spread()
+    assert spread is not None
+    assert spread["throughput"].pairs == (1.0, 3.0, 0.5, 2.5)
+    assert (spread["throughput"].median, spread["throughput"].low, spread["throughput"].high) == (
+        1.75,
+        0.5,
+        3.0,
+    )
+    assert (spread["p50"].median, spread["p50"].low, spread["p50"].high) == (1.0, 0.5, 1.5)
+    assert report.ratios() == {name: value.median for name, value in spread.items()}
+    median = report.median("runner-daemon")
+    assert median is not None and median.runs == 4
+    assert (median.throughput, median.latency_ms.p50) == (225.0, 20.0)
+    assert [round(value, 2) for value in (median.memory_mb.after, median.ready_seconds)] == [42.0, 0.4]
+    text = format_report(report)
+    assert "| ours / opik #3 " in text
+    assert "| ours / opik median " in text and "1.75x" in text
+    assert "| ours / opik min-max " in text and "0.50-3.00x" in text

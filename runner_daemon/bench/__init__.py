@@ -13,6 +13,10 @@ Every party runs in a process of its own, so their costs never mix:
   ``--opik-python``); ``opik`` is imported there and nowhere else;
 - this process, which submits the commands as Opik's UI does and waits for each result.
 
+With ``--repeat N`` the runners run N rounds against the one dev server, alternating (ours,
+then Opik's, then ours...; each run a fresh process), and the report gives the medians of
+each runner's figures and each ratio's median and min-max over the rounds' pairs.
+
 With ``--jobs`` the daemon serves an endpoint runner instead, with one declared agent, and
 this process creates and cancels jobs as Opik's playground does (:mod:`.jobs`).
 

@@ -1,5 +1,6 @@
 """What the bench measures and keeps: its options, each command's final record, each runner's
-figures (``--jobs``: the jobs' latencies) and the report, in one place so the bench
+figures (``--jobs``: the jobs' latencies; ``--repeat``: every run's, their medians and each
+ratio's spread over the rounds) and the report, in one place so the bench
 (:mod:`.run`) fills them and the output (:mod:`.report`) reads them without either knowing
 the other.
 """
@@ -12,17 +13,21 @@ import os
 import platform
 import statistics
 import sys
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Self, TypeVar
 
 from runner_daemon import __version__
 
 RunnerKind = Literal["runner-daemon", "opik"]
+KINDS: tuple[RunnerKind, ...] = ("runner-daemon", "opik")
 
 # -n when not given: bridge commands take milliseconds, a cancelled job up to a heartbeat.
 DEFAULT_COMMANDS = 1000
 DEFAULT_JOBS = 50
+# --repeat: enough rounds for a median, few enough that a typo does not run for hours.
+MAX_REPEAT = 50
 
 
 class BenchError(Exception):
@@ -48,6 +53,8 @@ class Options:
     jobs: bool = False
     # The daemon's heartbeat_interval_seconds under --jobs; None: its own default.
     heartbeat: float | None = None
+    # Rounds: each runner runs this many times, alternating; medians are reported.
+    repeat: int = 1
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
@@ -67,6 +74,7 @@ class Options:
             json=args.json,
             jobs=args.jobs,
             heartbeat=args.heartbeat,
+            repeat=args.repeat,
         )
 
     def check(self) -> str | None:
@@ -84,8 +92,10 @@ class Options:
             return "--heartbeat goes with --jobs"
         if self.heartbeat is not None and not 0 < self.heartbeat <= 60:
             return "--heartbeat must be more than 0 and at most 60 seconds"
-        if self.jobs and (self.idle is not None or self.compare is not None):
-            return "--jobs measures runner-daemon's jobs alone: no --idle, no --compare"
+        if not 1 <= self.repeat <= MAX_REPEAT:
+            return f"--repeat must be between 1 and {MAX_REPEAT}"
+        if self.jobs and (self.idle is not None or self.compare is not None or self.repeat != 1):
+            return "--jobs measures runner-daemon's jobs alone, once: no --idle, --compare or --repeat"
         return None
 
 
@@ -128,6 +138,16 @@ class Latency:
         cuts = statistics.quantiles(values_ms, n=100, method="inclusive")
         return cls(cuts[49], cuts[89], cuts[98], max(values_ms))
 
+    @classmethod
+    def median_of(cls, items: Sequence[Self]) -> Self:
+        """Each percentile the median of the runs' (``--repeat``)."""
+        return cls(
+            median_of(item.p50 for item in items),
+            median_of(item.p90 for item in items),
+            median_of(item.p99 for item in items),
+            median_of(item.max for item in items),
+        )
+
 
 @dataclass
 class Memory:
@@ -135,6 +155,16 @@ class Memory:
     before: float  # after the warm-up, when measuring starts
     after: float  # when the last command finished
     peak: float  # VmHWM: the most the process ever held
+
+    @classmethod
+    def median_of(cls, items: Sequence[Self]) -> Self:
+        """Each figure the median of the runs' (``--repeat``)."""
+        return cls(
+            median_of(item.start for item in items),
+            median_of(item.before for item in items),
+            median_of(item.after for item in items),
+            median_of(item.peak for item in items),
+        )
 
     @property
     def growth(self) -> float:
@@ -167,10 +197,40 @@ class LoadRun:
     # From the poll that claimed it to its result stored: the runner's own share of the latency.
     in_runner_ms: Latency = field(default_factory=lambda: Latency.of([]))
     polls: int = 0  # long polls the runner made while measured (the dev server counts them)
+    round: int = 1  # which of --repeat's rounds; 0 for a median
+    runs: int = 1  # how many runs these figures are the median of
 
     @property
     def cpu_per_1000(self) -> float:
         return self.cpu_seconds / self.count * 1000 if self.count else math.nan
+
+    @classmethod
+    def median_of(cls, runs: Sequence[LoadRun]) -> LoadRun:
+        """One runner's ``--repeat`` runs as one: every figure the median of theirs, except the
+        commands completed, the fewest of any run (a median would hide a run that lost some);
+        no statuses or exit status (each run has its own)."""
+        first = runs[0]
+        return cls(
+            runner=first.runner,
+            version=first.version,
+            count=first.count,
+            completed=min(run.completed for run in runs),
+            statuses={},
+            error_codes={},
+            seconds=median_of(run.seconds for run in runs),
+            throughput=median_of(run.throughput for run in runs),
+            latency_ms=Latency.median_of([run.latency_ms for run in runs]),
+            cpu_seconds=median_of(run.cpu_seconds for run in runs),
+            memory_mb=Memory.median_of([run.memory_mb for run in runs]),
+            ready_seconds=median_of(run.ready_seconds for run in runs),
+            late_submissions=statistics.median_low(run.late_submissions for run in runs),
+            devserver_cpu_seconds=median_of(run.devserver_cpu_seconds for run in runs),
+            bench_cpu_seconds=median_of(run.bench_cpu_seconds for run in runs),
+            in_runner_ms=Latency.median_of([run.in_runner_ms for run in runs]),
+            polls=statistics.median_low(run.polls for run in runs),
+            round=0,
+            runs=len(runs),
+        )
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -178,6 +238,11 @@ class LoadRun:
         data["memory_mb"]["growth"] = self.memory_mb.growth
         data["memory_mb"]["growth_from_start"] = self.memory_mb.growth_from_start
         return data
+
+    def as_median_json(self) -> dict[str, Any]:
+        """A median's figures, without what belongs to each run alone."""
+        per_run = ("round", "statuses", "error_codes", "exit_status")
+        return {key: value for key, value in self.as_json().items() if key not in per_run}
 
 
 @dataclass
@@ -190,13 +255,35 @@ class IdleRun:
     peak_mb: float
     ready_seconds: float
     exit_status: int | None = None
+    round: int = 1  # which of --repeat's rounds; 0 for a median
+    runs: int = 1  # how many runs these figures are the median of
 
     @property
     def cpu_percent(self) -> float:
         return self.cpu_seconds / self.seconds * 100 if self.seconds else math.nan
 
+    @classmethod
+    def median_of(cls, runs: Sequence[IdleRun]) -> IdleRun:
+        """One runner's ``--repeat`` idle runs as one: every figure the median of theirs."""
+        first = runs[0]
+        return cls(
+            runner=first.runner,
+            version=first.version,
+            seconds=median_of(run.seconds for run in runs),
+            cpu_seconds=median_of(run.cpu_seconds for run in runs),
+            rss_mb=median_of(run.rss_mb for run in runs),
+            peak_mb=median_of(run.peak_mb for run in runs),
+            ready_seconds=median_of(run.ready_seconds for run in runs),
+            round=0,
+            runs=len(runs),
+        )
+
     def as_json(self) -> dict[str, Any]:
         return {**asdict(self), "cpu_percent_of_one_core": self.cpu_percent}
+
+    def as_median_json(self) -> dict[str, Any]:
+        """A median's figures, without what belongs to each run alone."""
+        return {key: value for key, value in self.as_json().items() if key not in ("round", "exit_status")}
 
 
 @dataclass
@@ -230,6 +317,50 @@ class JobsRun:
         return {**asdict(self), "cancel_bound_seconds": self.cancel_bound_seconds}
 
 
+# The ratios (ours / Opik's) the bench prints, by name: of a load run, of an idle run.
+LOAD_RATIOS: dict[str, Callable[[LoadRun], float]] = {
+    "throughput": lambda run: run.throughput,
+    "p50": lambda run: run.latency_ms.p50,
+    "p99": lambda run: run.latency_ms.p99,
+    "cpu_per_1000": lambda run: run.cpu_per_1000,
+    "rss_after": lambda run: run.memory_mb.after,
+    "rss_peak": lambda run: run.memory_mb.peak,
+    "ready": lambda run: run.ready_seconds,
+}
+IDLE_RATIOS: dict[str, Callable[[IdleRun], float]] = {
+    "idle_cpu": lambda run: run.cpu_seconds,
+    "idle_rss": lambda run: run.rss_mb,
+    "idle_peak": lambda run: run.peak_mb,
+    "ready": lambda run: run.ready_seconds,
+}
+
+
+Run = TypeVar("Run", LoadRun, IdleRun)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One ratio over ``--repeat``'s pairs (round i of ours / round i of Opik's): its median
+    and its range, so a single lucky or unlucky pair shows as such."""
+
+    pairs: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return median_of(self.pairs)
+
+    @property
+    def low(self) -> float:
+        return min((value for value in self.pairs if math.isfinite(value)), default=math.nan)
+
+    @property
+    def high(self) -> float:
+        return max((value for value in self.pairs if math.isfinite(value)), default=math.nan)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"median": self.median, "min": self.low, "max": self.high, "pairs": list(self.pairs)}
+
+
 @dataclass
 class Target:
     name: str
@@ -245,28 +376,53 @@ class Report:
     idle: list[IdleRun] = field(default_factory=list)
     jobs: JobsRun | None = None
     targets: list[Target] = field(default_factory=list)
+    rounds: int = 1  # --repeat: each runner's runs, alternating
     devserver_url: str = ""
     # Other work on the machine skews every figure: the 1-minute load average as the bench began.
     load_average: float = field(default_factory=lambda: os.getloadavg()[0])
 
-    def run(self, kind: RunnerKind) -> LoadRun | None:
-        return next((run for run in self.load if run.runner == kind), None)
+    def median(self, kind: RunnerKind) -> LoadRun | None:
+        """A runner's load figures: its run, or with ``--repeat`` the medians of its runs."""
+        runs = [run for run in self.load if run.runner == kind]
+        if len(runs) <= 1:
+            return runs[0] if runs else None
+        return LoadRun.median_of(runs)
+
+    def idle_median(self, kind: RunnerKind) -> IdleRun | None:
+        """A runner's idle figures: its run, or with ``--repeat`` the medians of its runs."""
+        runs = [run for run in self.idle if run.runner == kind]
+        if len(runs) <= 1:
+            return runs[0] if runs else None
+        return IdleRun.median_of(runs)
+
+    def medians(self) -> list[LoadRun]:
+        return [run for kind in KINDS if (run := self.median(kind)) is not None]
+
+    def idle_medians(self) -> list[IdleRun]:
+        return [run for kind in KINDS if (run := self.idle_median(kind)) is not None]
+
+    def ratio_spread(self) -> dict[str, Spread] | None:
+        """Each ratio (ours / Opik's) pair by pair, the load's or else the idle run's; None
+        without ``--compare``."""
+        if load := _pairs(self.load):
+            return {
+                name: Spread(tuple(ratio_of(figure(ours), figure(theirs)) for ours, theirs in load))
+                for name, figure in LOAD_RATIOS.items()
+            }
+        if idle := _pairs(self.idle):
+            return {
+                name: Spread(tuple(ratio_of(figure(ours), figure(theirs)) for ours, theirs in idle))
+                for name, figure in IDLE_RATIOS.items()
+            }
+        return None
 
     def ratios(self) -> dict[str, float] | None:
-        ours, theirs = self.run("runner-daemon"), self.run("opik")
-        if ours is None or theirs is None:
-            return None
-        return {
-            "throughput": ratio_of(ours.throughput, theirs.throughput),
-            "p50": ratio_of(ours.latency_ms.p50, theirs.latency_ms.p50),
-            "p99": ratio_of(ours.latency_ms.p99, theirs.latency_ms.p99),
-            "cpu_per_1000": ratio_of(ours.cpu_per_1000, theirs.cpu_per_1000),
-            "rss_after": ratio_of(ours.memory_mb.after, theirs.memory_mb.after),
-            "rss_peak": ratio_of(ours.memory_mb.peak, theirs.memory_mb.peak),
-            "ready": ratio_of(ours.ready_seconds, theirs.ready_seconds),
-        }
+        """Each ratio's median over the pairs (with one round: the ratio itself)."""
+        spread = self.ratio_spread()
+        return None if spread is None else {name: ratios.median for name, ratios in spread.items()}
 
     def as_json(self) -> dict[str, Any]:
+        spread = self.ratio_spread()
         return {
             "runner_daemon_version": __version__,
             "python": platform.python_version(),
@@ -274,12 +430,30 @@ class Report:
             "devserver_url": self.devserver_url,
             "load_average": self.load_average,
             "options": self.options,
+            "rounds": self.rounds,
             "load": [run.as_json() for run in self.load],
             "idle": [run.as_json() for run in self.idle],
             "jobs": self.jobs.as_json() if self.jobs is not None else None,
+            "medians": {
+                "load": [run.as_median_json() for run in self.medians()],
+                "idle": [run.as_median_json() for run in self.idle_medians()],
+            },
             "ratios": self.ratios(),
+            "ratio_spread": None if spread is None else {name: s.as_json() for name, s in spread.items()},
             "targets": [asdict(target) for target in self.targets],
         }
+
+
+def _pairs(runs: Sequence[Run]) -> list[tuple[Run, Run]]:
+    """(ours, Opik's) of each round that has both."""
+    ours = {run.round: run for run in runs if run.runner == "runner-daemon"}
+    return [(ours[run.round], run) for run in runs if run.runner == "opik" and run.round in ours]
+
+
+def median_of(values: Iterable[float]) -> float:
+    """The median of the figures that were measured (NaN ones left out), or NaN."""
+    measured = [value for value in values if math.isfinite(value)]
+    return statistics.median(measured) if measured else math.nan
 
 
 def ratio_of(ours: float, theirs: float) -> float:

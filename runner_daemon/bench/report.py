@@ -1,6 +1,9 @@
 """The bench's verdict and output: each target of the issue PASS/FAIL/n/a, then Markdown tables
 a terminal reads as well as a pull request does, or JSON (``--json``) for scripts.
 
+With ``--repeat`` every run has its row (and each round its ratios), then a table of the
+medians, each ratio's median over the rounds and its min-max; the targets judge the medians.
+
 Only figures already measured come in here (:mod:`.records`); nothing is measured here.
 """
 
@@ -10,10 +13,25 @@ import json
 import math
 import os
 import platform
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from runner_daemon.bench.children import POLL_HOLD_SECONDS
-from runner_daemon.bench.records import JobsRun, Latency, Options, Report, RunnerKind, Target, ratio_of
+from runner_daemon.bench.records import (
+    IDLE_RATIOS,
+    LOAD_RATIOS,
+    IdleRun,
+    JobsRun,
+    Latency,
+    LoadRun,
+    Options,
+    Report,
+    Run,
+    RunnerKind,
+    Spread,
+    Target,
+    ratio_of,
+)
 
 # Opik's BridgePollLoop runs at most this many commands at once (its _MAX_WORKERS).
 OPIK_WORKERS = 10
@@ -29,13 +47,15 @@ TARGET_READY_SECONDS = 0.5
 
 
 def evaluate_targets(report: Report, options: Options) -> list[Target]:
-    """Each target with PASS/FAIL, or n/a when this run's workload cannot tell."""
+    """Each target with PASS/FAIL, or n/a when this run's workload cannot tell; with
+    ``--repeat``, of the medians (a ratio: its median over the rounds)."""
     targets: list[Target] = []
 
     def add(name: str, goal: str, measured: str, ok: bool | None) -> None:
         targets.append(Target(name, goal, measured, "n/a" if ok is None else "PASS" if ok else "FAIL"))
 
-    ours, theirs = report.run("runner-daemon"), report.run("opik")
+    ours, theirs = report.median("runner-daemon"), report.median("opik")
+    ratios = report.ratios() or {}
     steady = options.rate is not None
     if ours is not None:
         goal = f">= {TARGET_THROUGHPUT_RATIO:g}x Opik's loop, a burst"
@@ -44,12 +64,13 @@ def evaluate_targets(report: Report, options: Options) -> list[Target]:
                 "throughput", goal, f"{ours.throughput:.0f} cmd/s; Opik's not measured (--compare opik)", None
             )
         else:
-            ratio = ratio_of(ours.throughput, theirs.throughput)
+            ratio = ratios["throughput"]
             measured = f"{ratio:.2f}x ({ours.throughput:.0f} vs {theirs.throughput:.0f} cmd/s)"
             # At a fixed rate both keep up: the ratio says nothing about capacity.
             add("throughput", goal, measured, None if steady else ratio >= TARGET_THROUGHPUT_RATIO)
             p50, their_p50 = ours.latency_ms.p50, theirs.latency_ms.p50
-            add("latency p50", "<= Opik's p50", f"{p50:.1f} ms vs {their_p50:.1f} ms", p50 <= their_p50)
+            measured = f"{p50:.1f} ms vs {their_p50:.1f} ms ({ratios['p50']:.2f}x)"
+            add("latency p50", "<= Opik's p50", measured, ratios["p50"] <= 1.0)
         ratio = ratio_of(ours.latency_ms.p99, ours.latency_ms.p50)
         measured = f"{ours.latency_ms.p99:.1f} ms = {ratio:.2f}x p50 ({ours.latency_ms.p50:.1f} ms)"
         goal = f"<= {TARGET_P99_OVER_P50:g}x p50 under a steady load (--rate)"
@@ -77,7 +98,7 @@ def evaluate_targets(report: Report, options: Options) -> list[Target]:
         measured = f"max {jobs.cancel_ms.max:.0f} ms (p99 {jobs.cancel_ms.p99:.0f} ms)"
         goal = f"<= heartbeat + kill grace ({bound:g} s)"
         add("cancel latency", goal, measured, jobs.cancel_ms.max <= bound * 1000)
-    idle = next((run for run in report.idle if run.runner == "runner-daemon"), None)
+    idle = report.idle_median("runner-daemon")
     if idle is not None:
         measured = f"{idle.rss_mb:.1f} MB (peak {idle.peak_mb:.1f} MB)"
         add("idle RSS", f"<= {TARGET_IDLE_RSS_MB:g} MB", measured, idle.rss_mb <= TARGET_IDLE_RSS_MB)
@@ -117,9 +138,83 @@ def _x(value: float) -> str:
     return f"{value:.2f}x"
 
 
+def _range(spread: Spread) -> str:
+    return f"{spread.low:.2f}-{spread.high:.2f}x"
+
+
+LOAD_HEADER = ["runner", "done", "cmd/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "CPU s", "CPU s/1k"]
+LOAD_HEADER += ["RSS MB start", "before", "after", "peak", "READY s"]
+IDLE_HEADER = ["runner", "CPU s", "% of one core", "RSS MB", "peak MB", "READY s"]
+
+
+def _load_row(run: LoadRun, label: str) -> list[str]:
+    lat, mem = run.latency_ms, run.memory_mb
+    return (
+        [label, f"{run.completed:,}", f"{run.throughput:.0f}"]
+        + [f"{value:.1f}" for value in (lat.p50, lat.p90, lat.p99, lat.max)]
+        + [f"{run.cpu_seconds:.2f}", f"{run.cpu_per_1000:.3f}"]
+        + [f"{value:.1f}" for value in (mem.start, mem.before, mem.after, mem.peak)]
+        + [f"{run.ready_seconds:.3f}"]
+    )
+
+
+def _load_ratio_row(label: str, cells: dict[str, str]) -> list[str]:
+    """The ratios (``cells``, by name) under their figures' columns."""
+    throughput, p50, p99, cpu = cells["throughput"], cells["p50"], cells["p99"], cells["cpu_per_1000"]
+    rss_after, rss_peak, ready = cells["rss_after"], cells["rss_peak"], cells["ready"]
+    return [label, "", throughput, p50, "", p99, "", "", cpu, "", "", rss_after, rss_peak, ready]
+
+
+def _idle_row(run: IdleRun, label: str) -> list[str]:
+    figures = (run.cpu_seconds, run.cpu_percent, run.rss_mb, run.peak_mb, run.ready_seconds)
+    return [label, *(f"{value:.{digits}f}" for value, digits in zip(figures, (2, 3, 1, 1, 3), strict=True))]
+
+
+def _idle_ratio_row(label: str, cells: dict[str, str]) -> list[str]:
+    return [label, cells["idle_cpu"], "", cells["idle_rss"], cells["idle_peak"], cells["ready"]]
+
+
+def _runs_table(
+    runs: list[Run],
+    rounds: int,
+    row: Callable[[Run, str], list[str]],
+    ratio_row: Callable[[str, dict[str, str]], list[str]],
+    figures: Mapping[str, Callable[[Run], float]],
+) -> list[list[str]]:
+    """Every run's row (numbered by round with ``--repeat``), each round's ratios under its pair."""
+    rows: list[list[str]] = []
+    ours: dict[int, Run] = {}
+    for run in runs:
+        number = f" #{run.round}" if rounds > 1 else ""
+        rows.append(row(run, _label(run.runner, run.version) + number))
+        if run.runner == "runner-daemon":
+            ours[run.round] = run
+        elif run.round in ours:
+            mine = ours[run.round]
+            cells = {name: _x(ratio_of(figure(mine), figure(run))) for name, figure in figures.items()}
+            rows.append(ratio_row(f"ours / opik{number}", cells))
+    return rows
+
+
+def _medians_table(
+    medians: list[Run],
+    spread: dict[str, Spread] | None,
+    row: Callable[[Run, str], list[str]],
+    ratio_row: Callable[[str, dict[str, str]], list[str]],
+) -> list[list[str]]:
+    """``--repeat``: each runner's medians, each ratio's median over the rounds and its range."""
+    rows = [row(run, f"{_label(run.runner, run.version)} median") for run in medians]
+    if spread is not None:
+        rows.append(ratio_row("ours / opik median", {name: _x(s.median) for name, s in spread.items()}))
+        rows.append(ratio_row("ours / opik min-max", {name: _range(s) for name, s in spread.items()}))
+    return rows
+
+
 def format_report(report: Report) -> str:
-    """The report as text: the workload and machine, a table per run kind, then the targets."""
+    """The report as text: the workload and machine, a table per run kind (with ``--repeat``,
+    every run, then the medians), then the targets."""
     options = report.options
+    rounds = report.rounds
     lines: list[str] = []
     where = (
         f"python {platform.python_version()}, {os.cpu_count()} CPUs, load average {report.load_average:.2f}"
@@ -128,62 +223,54 @@ def format_report(report: Report) -> str:
         how = f"{options['rate']:g}/s steady" if options["rate"] else f"burst, window {options['window']}"
         what = f"{options['count']:,} x {options['command_type']} ({how})"
         lines.append(f"{what}, concurrency {options['concurrency']}, warm-up {options['warmup']}; {where}")
+        if rounds > 1:
+            lines.append(f"{rounds} rounds, each runner in turn in each (a fresh process per run)")
         if any(run.runner == "opik" for run in report.load):
             lines.append(
                 f"(Opik's BridgePollLoop runs {OPIK_WORKERS} commands at once whatever --concurrency)"
             )
-        header = ["runner", "done", "cmd/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "CPU s", "CPU s/1k"]
-        header += ["RSS MB start", "before", "after", "peak", "READY s"]
-        rows = []
+        rows = _runs_table(report.load, rounds, _load_row, _load_ratio_row, LOAD_RATIOS)
+        lines += ["", *_table(LOAD_HEADER, rows)]
         for run in report.load:
-            lat, mem = run.latency_ms, run.memory_mb
-            rows.append(
-                [_label(run.runner, run.version), f"{run.completed:,}", f"{run.throughput:.0f}"]
-                + [f"{value:.1f}" for value in (lat.p50, lat.p90, lat.p99, lat.max)]
-                + [f"{run.cpu_seconds:.2f}", f"{run.cpu_per_1000:.3f}"]
-                + [f"{value:.1f}" for value in (mem.start, mem.before, mem.after, mem.peak)]
-                + [f"{run.ready_seconds:.3f}"]
-            )
-        ratios = report.ratios()
-        if ratios is not None:
-            ratio_cells = [_x(ratios[key]) for key in ("throughput", "p50", "p99", "cpu_per_1000")]
-            ratio_cells += [_x(ratios[key]) for key in ("rss_after", "rss_peak", "ready")]
-            throughput, p50, p99, cpu, rss_after, rss_peak, ready = ratio_cells
-            rows.append(
-                ["ours / opik", "", throughput, p50, "", p99, "", "", cpu, "", "", rss_after, rss_peak, ready]
-            )
-        lines += ["", *_table(header, rows)]
-        for run in report.load:
+            name = f"{run.runner} #{run.round}" if rounds > 1 else run.runner
             problems = {k: v for k, v in run.statuses.items() if k != "completed"}
             if problems or run.error_codes:
-                lines.append(f"{run.runner}: not completed {problems} {run.error_codes}")
+                lines.append(f"{name}: not completed {problems} {run.error_codes}")
             lines.append(
-                f"{run.runner}: meanwhile the dev server used {run.devserver_cpu_seconds:.2f} s CPU and this "
+                f"{name}: meanwhile the dev server used {run.devserver_cpu_seconds:.2f} s CPU and this "
                 f"bench {run.bench_cpu_seconds:.2f} s; {run.polls:,} polls; claimed to stored p50 "
                 f"{run.in_runner_ms.p50:.1f} ms, p99 {run.in_runner_ms.p99:.1f} ms; exit {run.exit_status}"
             )
             if run.late_submissions:
-                lines.append(f"{run.runner}: {run.late_submissions} submissions more than 10 ms late")
+                lines.append(f"{name}: {run.late_submissions} submissions more than 10 ms late")
+        if rounds > 1:
+            lines += [
+                "",
+                f"Medians of the {rounds} runs; ratios: the median of the {rounds} rounds' and their range",
+            ]
+            rows = _medians_table(report.medians(), report.ratio_spread(), _load_row, _load_ratio_row)
+            lines += ["", *_table(LOAD_HEADER, rows)]
     if report.idle:
         seconds = report.idle[0].seconds
         lines.append(
             f"idle {seconds:.0f} s (poll hold {POLL_HOLD_SECONDS:g} s, heartbeat every 5 s); {where}"
         )
-        rows = [
-            [
-                _label(idle.runner, idle.version),
-                f"{idle.cpu_seconds:.2f}",
-                f"{idle.cpu_percent:.3f}",
-                f"{idle.rss_mb:.1f}",
-                f"{idle.peak_mb:.1f}",
-                f"{idle.ready_seconds:.3f}",
+        if rounds > 1:
+            lines.append(f"{rounds} rounds, the runners side by side in each (fresh processes per round)")
+        rows = _runs_table(report.idle, rounds, _idle_row, _idle_ratio_row, IDLE_RATIOS)
+        lines += ["", *_table(IDLE_HEADER, rows)]
+        if rounds > 1:
+            lines += [
+                "",
+                f"Medians of the {rounds} runs; ratios: the median of the {rounds} rounds' and their range",
             ]
-            for idle in report.idle
-        ]
-        lines += ["", *_table(["runner", "CPU s", "% of one core", "RSS MB", "peak MB", "READY s"], rows)]
+            rows = _medians_table(report.idle_medians(), report.ratio_spread(), _idle_row, _idle_ratio_row)
+            lines += ["", *_table(IDLE_HEADER, rows)]
     if report.jobs is not None:
         lines += _jobs_lines(report.jobs, where)
     if report.targets:
+        if rounds > 1:
+            lines += ["", f"Targets judged on the medians of the {rounds} runs"]
         lines += ["", *_table(["target", "goal", "measured", ""], [
             [target.name, target.goal, target.measured, target.status] for target in report.targets
         ])]  # fmt: skip

@@ -218,9 +218,10 @@ class Bench:
     def _version(self, kind: RunnerKind) -> str:
         return __version__ if kind == "runner-daemon" else self.opik_version
 
-    async def load(self, kind: RunnerKind) -> LoadRun:
+    async def load(self, kind: RunnerKind, round_number: int) -> LoadRun:
+        """One run of ``kind``: a fresh runner process, the warm-up, then the measured load."""
         options = self.options
-        runner = await self.start_runner(kind, f"bench-{kind}")
+        runner = await self.start_runner(kind, f"bench-{kind}-{round_number}")
         runner_id = runner.runner_id
         try:
             start_rss, _ = memory_mb(runner.pid)
@@ -244,6 +245,7 @@ class Bench:
         run.devserver_cpu_seconds = server_cpu
         run.bench_cpu_seconds = own_cpu
         run.polls = polls
+        run.round = round_number
         return run
 
     async def _polls(self, runner_id: str) -> int:
@@ -303,12 +305,12 @@ class Bench:
             raise BenchError(f"a request of the bench failed: {first!r}") from None
         return records, late
 
-    async def idle(self, kinds: list[RunnerKind], seconds: float) -> list[IdleRun]:
+    async def idle(self, kinds: list[RunnerKind], seconds: float, round_number: int) -> list[IdleRun]:
         """Start the runners together, let them settle, then watch them idle side by side."""
         runners: list[Runner] = []
         try:
             for kind in kinds:
-                runners.append(await self.start_runner(kind, f"bench-idle-{kind}"))
+                runners.append(await self.start_runner(kind, f"bench-idle-{kind}-{round_number}"))
             await anyio.sleep(IDLE_SETTLE_SECONDS)
             before = [cpu_seconds(runner.pid) for runner in runners]
             clock = time.monotonic()
@@ -319,7 +321,18 @@ class Bench:
                 used = cpu_seconds(runner.pid) - cpu
                 rss, peak = memory_mb(runner.pid)
                 version = self._version(runner.kind)
-                runs.append(IdleRun(runner.kind, version, elapsed, used, rss, peak, runner.ready_seconds))
+                runs.append(
+                    IdleRun(
+                        runner.kind,
+                        version,
+                        elapsed,
+                        used,
+                        rss,
+                        peak,
+                        runner.ready_seconds,
+                        round=round_number,
+                    )
+                )
         finally:
             statuses = [runner.stop() for runner in runners]
         for run, status in zip(runs, statuses, strict=True):
@@ -327,8 +340,11 @@ class Bench:
         return runs
 
     async def run(self) -> Report:
+        """The dev server, then ``--repeat`` rounds: in each, every runner in turn under the same
+        load (ours first, then Opik's), or both idle side by side. Alternating spreads the
+        machine's drift (other tenants come and go) over both runners alike."""
         options = self.options
-        report = Report(options=asdict(options))
+        report = Report(options=asdict(options), rounds=options.repeat)
         self.make_workspace()
         if options.jobs:
             return await self.run_jobs(report)
@@ -340,13 +356,14 @@ class Bench:
             kinds.append("opik")
         self.client = LoadClient(self.url)
         try:
-            if options.idle is not None:
-                report.idle = await self.idle(kinds, options.idle)
-            else:
-                for i, kind in enumerate(kinds):
-                    if i:  # let the dev server forget the first runner's commands
+            for round_number in range(1, options.repeat + 1):
+                if options.idle is not None:
+                    report.idle += await self.idle(kinds, options.idle, round_number)
+                    continue
+                for kind in kinds:
+                    if report.load:  # let the dev server forget the previous runner's commands
                         await anyio.sleep(FINISHED_TTL_SECONDS + 1.0)
-                    report.load.append(await self.load(kind))
+                    report.load.append(await self.load(kind, round_number))
         finally:
             await self.client.aclose()
         report.targets = evaluate_targets(report, options)
