@@ -30,6 +30,7 @@ import structlog
 
 from runner_daemon import __version__
 from runner_daemon.bridge.handlers import HandlerRegistry, discover
+from runner_daemon.core import eventloop
 from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.errors import (
     ApiError,
@@ -139,7 +140,13 @@ def start_daemon(settings: Settings, registry: HandlerRegistry) -> int:
             "can run commands here"
         )
     try:
-        return anyio.run(serve, settings, registry, bridge_key, sandbox)
+        loop = eventloop.choose(settings.event_loop)
+    except ConfigError as exc:
+        return _fail_config(exc)
+    try:
+        return anyio.run(
+            serve, settings, registry, bridge_key, sandbox, backend=loop.backend, backend_options=loop.options
+        )
     except ConfigError as exc:  # the state directory cannot hold the outbox
         return _fail_config(exc)
     except KeyboardInterrupt:
@@ -532,11 +539,28 @@ def _add_setting_flags(parser: argparse.ArgumentParser, keys: Iterable[str] = SE
         parser.add_argument("--" + key.replace("_", "-"), dest=key, help=SETTING_FLAGS[key])
 
 
+class _VersionAction(argparse.Action):
+    """``--version``, with the event loop ``event_loop = "auto"`` picks here.
+
+    Looked up only when asked: every other command (a health probe every few seconds) is
+    spared importing uvloop.
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        print(f"{PROG} {__version__} (event loop: {eventloop.choose('auto').name})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="A local runner daemon for Opik's bridge commands."
     )
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--version", action=_VersionAction, help="print the version and event loop, and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the daemon")

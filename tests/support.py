@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
+import pytest
 
 from runner_daemon.bridge.executor import Executor
 from runner_daemon.bridge.handlers import HandlerRegistry, discover
@@ -25,6 +26,14 @@ from runner_daemon.core.outbox import Outbox
 from runner_daemon.core.settings import Settings, load_settings
 from runner_daemon.devserver.client import DevClient
 from runner_daemon.service.daemon import Daemon
+
+# anyio_backend values of the tests that run on every loop the daemon may run on: the
+# conftest's asyncio and trio, and asyncio with uvloop (the daemon's default where installed).
+EVERY_LOOP = [
+    pytest.param("asyncio", id="asyncio"),
+    pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    pytest.param("trio", id="trio"),
+]
 
 # Short timings so failures and retries take milliseconds, not seconds.
 FAST = {

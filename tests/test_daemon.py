@@ -1,4 +1,4 @@
-"""The daemon end to end against the dev server on 127.0.0.1 (asyncio and trio)."""
+"""The daemon end to end against the dev server on 127.0.0.1 (asyncio and trio; some on uvloop too)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer, DevServerConfig
 from runner_daemon.service.daemon import ExitStatus
 from tests.support import (
+    EVERY_LOOP,
     GateHandler,
     bare_loop,
     command_status_is,
@@ -32,6 +33,7 @@ from tests.support import (
 pytestmark = pytest.mark.anyio
 
 
+@pytest.mark.parametrize("anyio_backend", EVERY_LOOP)
 async def test_read_file_and_list_files_happy_path(
     devserver: DevServer, api: DevClient, runner_id: str, workspace: Path
 ) -> None:
@@ -91,6 +93,7 @@ async def test_unknown_type_and_invalid_args_fail_with_codes(
 
 
 # The server's reaper must not time the command out before the daemon does.
+@pytest.mark.parametrize("anyio_backend", EVERY_LOOP)
 @pytest.mark.parametrize(
     "devserver_config",
     [DevServerConfig(poll_hold_seconds=1.0, reaper_interval_seconds=0.2, stale_grace_seconds=30)],

@@ -74,6 +74,7 @@ _HEADER_TEXT = re.compile(r"[ -~]*")
 
 LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+EventLoopName = Literal["auto", "asyncio", "uvloop", "trio"]
 
 
 class ExecSettings(BaseModel):
@@ -244,6 +245,9 @@ class Settings(BaseModel):
     retry_max_seconds: float = Field(30.0, gt=0, le=600)
     result_ttl_seconds: float = Field(
         600.0, gt=0, le=86400, description="How long one result is retried before it is dropped."
+    )
+    event_loop: EventLoopName = Field(
+        "auto", description="auto: uvloop when it is installed, else asyncio's own loop."
     )
     log_format: LogFormat = "auto"
     log_level: LogLevel = "info"

@@ -54,8 +54,11 @@ async def _body(request: Request, limit: int) -> bytes:
         raw += chunk
         if len(raw) > limit:
             raise _too_large()
-    coding = request.headers.get("content-encoding", "identity").strip().lower()
-    return _gunzip(bytes(raw), limit) if coding in ("gzip", "x-gzip") else bytes(raw)
+    return _gunzip(bytes(raw), limit) if _gzipped(request) else bytes(raw)
+
+
+def _gzipped(request: Request) -> bool:
+    return request.headers.get("content-encoding", "identity").strip().lower() in ("gzip", "x-gzip")
 
 
 def _gunzip(data: bytes, limit: int) -> bytes:
@@ -215,7 +218,10 @@ def build_app(state: DevState) -> Starlette:
 
     async def report(request: Request) -> Response:
         body = await _json_body(request)
-        state.report(owned(request), request.path_params["command_id"], body)
+        runner_id = owned(request)
+        if _gzipped(request):
+            state.runner(runner_id).counters.reports_gzipped += 1
+        state.report(runner_id, request.path_params["command_id"], body)
         return Response(status_code=204)
 
     async def get_command(request: Request) -> Response:

@@ -98,6 +98,7 @@ class RunnerCounters:
     reports_conflict: int = 0
     reports_not_found: int = 0
     reports_rejected: int = 0
+    reports_gzipped: int = 0  # of those that arrived, how many with Content-Encoding: gzip
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

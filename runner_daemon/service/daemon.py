@@ -25,6 +25,7 @@ from runner_daemon.bridge.handlers import HandlerRegistry
 from runner_daemon.bridge.handlers.base import HandlerServices
 from runner_daemon.bridge.loop import BridgeLoop
 from runner_daemon.bridge.stats import LoopStats
+from runner_daemon.core import eventloop
 from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.errors import ApiError, ConfigError, Fatal, RunnerGone
 from runner_daemon.core.liveness import Liveness
@@ -376,6 +377,7 @@ class Daemon:
                         url=self._settings.url,
                         workspace_root=str(self._settings.workspace_root),
                         max_concurrency=self._settings.max_concurrency,
+                        event_loop=eventloop.running(),
                     )
                     await loop.recover(work)
                     await loop.run(work)
@@ -404,6 +406,7 @@ class Daemon:
                         "endpoint runner connected; waiting for jobs",
                         runner_id=jobs.runner_id,
                         max_jobs=self._settings.jobs.max_jobs,
+                        event_loop=eventloop.running(),
                     )
                     await jobs.recover(work)
                     await jobs.run(work)
