@@ -132,9 +132,9 @@ def clean_environ() -> dict[str, str]:
 def opik_environ(url: str | None) -> dict[str, str]:
     """For the opik child: no error reports or usage analytics sent anywhere, the dev server as Opik."""
     env = {**clean_environ(), "OPIK_SENTRY_ENABLE": "false", "OPIK_ANALYTICS_ENABLE": "false"}
-    # Opik() gzips request bodies over 256 bytes (Opik's server inflates them; the dev server does
-    # not), which would turn every ReadFile report into a 400.
-    env["OPIK_ENABLE_JSON_REQUEST_COMPRESSION"] = "false"
+    # Opik's client gzips request bodies of 256 bytes or more, as runner-daemon does, and the dev
+    # server inflates them as Opik's server does: both runners pay the same wire cost.
+    env["OPIK_ENABLE_JSON_REQUEST_COMPRESSION"] = "true"
     if url:
         env["OPIK_URL_OVERRIDE"] = url
     return env
