@@ -232,12 +232,8 @@ async def _pair(settings: Settings, args: argparse.Namespace) -> int:
                 workspace=settings.workspace,
                 ttl_seconds=args.ttl,
             )
-        except Unauthorized as exc:
-            _print_error(f"could not start pairing: {exc}", settings.secret_values())
-            return ExitStatus.UNAUTHORIZED
         except ApiError as exc:
-            _print_error(f"could not start pairing: {exc}; try again", settings.secret_values())
-            return ExitStatus.PAIRING_EXPIRED
+            return _pairing_refused("could not start pairing", exc, settings)
         print(
             f"Open this link in a browser where you are signed in to Opik:\n\n  {pending.link}\n", flush=True
         )
@@ -267,6 +263,15 @@ async def _pair(settings: Settings, args: argparse.Namespace) -> int:
     return ExitStatus.OK
 
 
+def _pairing_refused(what: str, exc: ApiError, settings: Settings) -> int:
+    """One line for a pairing Opik refused or could not start, and the exit status it means."""
+    if isinstance(exc, Unauthorized):
+        _print_error(f"{what}: {exc}", settings.secret_values())
+        return ExitStatus.UNAUTHORIZED
+    _print_error(f"{what}: {exc}; try again", settings.secret_values())
+    return ExitStatus.PAIRING_EXPIRED
+
+
 async def _pair_endpoint(settings: Settings, args: argparse.Namespace) -> int:
     """Headless, as ``opik endpoint --headless``: no link, no browser, no bridge key."""
     async with RunnerApi.from_settings(settings) as api:
@@ -279,12 +284,8 @@ async def _pair_endpoint(settings: Settings, args: argparse.Namespace) -> int:
                 workspace=settings.workspace,
                 ttl_seconds=args.ttl,
             )
-        except Unauthorized as exc:
-            _print_error(f"could not pair: {exc}", settings.secret_values())
-            return ExitStatus.UNAUTHORIZED
         except ApiError as exc:
-            _print_error(f"could not pair: {exc}; try again", settings.secret_values())
-            return ExitStatus.PAIRING_EXPIRED
+            return _pairing_refused("could not pair", exc, settings)
     path = credentials.store(
         settings.state_directory,
         credentials.Credentials(pending.runner_id, None, settings.url),

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -141,6 +142,24 @@ def open_outbox(settings: Settings) -> Outbox:
 def make_settings(url: str, runner_id: str, workspace: Path, **overrides: Any) -> Settings:
     return load_settings(
         None, {"url": url, "runner_id": runner_id, "workspace_root": workspace, **FAST, **overrides}
+    )
+
+
+def jobs_settings(url: str, endpoint_id: str, root: Path, agents: dict[str, Any], **jobs: Any) -> Settings:
+    """A jobs-only daemon's settings: the endpoint runner, these declared agents, fast kills."""
+    return make_settings(
+        url,
+        str(uuid.uuid4()),
+        root,
+        bridge={"enabled": False},
+        jobs={
+            "enabled": True,
+            "runner_id": endpoint_id,
+            "python": sys.executable,
+            "kill_grace_seconds": 1,
+            "agents": agents,
+            **jobs,
+        },
     )
 
 

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from runner_daemon.core.models import Job
-from runner_daemon.core.settings import Settings
 from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.records import DevServerConfig
 from runner_daemon.devserver.server import DevServer
@@ -23,7 +22,7 @@ from tests.support import (
     Running,
     daemon_environment,
     finish,
-    make_settings,
+    jobs_settings,
     process_gone,
     running_daemon,
     until,
@@ -88,8 +87,8 @@ def agents_root(workspace: Path) -> Path:
     return workspace
 
 
-def jobs_settings(url: str, endpoint_id: str, root: Path, **jobs: Any) -> Settings:
-    declared = {
+def declared_agents(root: Path) -> dict[str, Any]:
+    return {
         "echo": {
             "command": [sys.executable, str(root / "echo_agent.py")],
             "description": "echoes",
@@ -106,25 +105,13 @@ def jobs_settings(url: str, endpoint_id: str, root: Path, **jobs: Any) -> Settin
             "timeout": 1,
         },
     }
-    return make_settings(
-        url,
-        str(uuid.uuid4()),
-        root,
-        bridge={"enabled": False},
-        jobs={
-            "enabled": True,
-            "runner_id": endpoint_id,
-            "python": sys.executable,
-            "kill_grace_seconds": 1,
-            "agents": declared,
-            **jobs,
-        },
-    )
 
 
 @pytest.fixture
 async def serving(devserver: DevServer, endpoint_id: str, agents_root: Path) -> AsyncIterator[Running]:
-    async with running_daemon(jobs_settings(devserver.url, endpoint_id, agents_root)) as running:
+    async with running_daemon(
+        jobs_settings(devserver.url, endpoint_id, agents_root, declared_agents(agents_root))
+    ) as running:
         await until(lambda: bool(running.daemon.jobs.agents), 20)
         yield running
 
@@ -199,7 +186,9 @@ async def test_a_cancel_from_the_ui_stops_the_running_job_and_its_process(
 async def test_a_job_cancelled_before_it_was_polled_never_starts(
     devserver: DevServer, api: DevClient, endpoint_id: str, agents_root: Path, tmp_path: Path
 ) -> None:
-    settings = jobs_settings(devserver.url, endpoint_id, agents_root, max_jobs=1)
+    settings = jobs_settings(
+        devserver.url, endpoint_id, agents_root, declared_agents(agents_root), max_jobs=1
+    )
     async with running_daemon(settings) as running:
         await until(lambda: bool(running.daemon.jobs.agents), 20)
         busy = tmp_path / "busy"
@@ -240,7 +229,7 @@ async def test_agents_are_published_again_when_a_file_changes(
 async def test_a_gone_endpoint_runner_stops_the_jobs_while_the_bridge_goes_on(
     devserver: DevServer, api: DevClient, runner_id: str, endpoint_id: str, agents_root: Path
 ) -> None:
-    settings = jobs_settings(devserver.url, endpoint_id, agents_root)
+    settings = jobs_settings(devserver.url, endpoint_id, agents_root, declared_agents(agents_root))
     settings = settings.model_copy(
         update={
             "runner_id": uuid.UUID(runner_id),
@@ -266,7 +255,7 @@ async def test_a_job_running_when_the_daemon_was_killed_is_failed_by_the_next_st
     tmp_path: Path,
     daemons: DaemonProcesses,
 ) -> None:
-    settings = jobs_settings(devserver.url, endpoint_id, agents_root)
+    settings = jobs_settings(devserver.url, endpoint_id, agents_root, declared_agents(agents_root))
     env = daemon_environment(
         devserver.url,
         str(uuid.uuid4()),

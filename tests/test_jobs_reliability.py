@@ -24,7 +24,6 @@ import anyio
 import pytest
 
 from runner_daemon.core.models import Job, LogEntry
-from runner_daemon.core.settings import Settings
 from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.records import DevServerConfig
 from runner_daemon.devserver.server import DevServer
@@ -39,7 +38,7 @@ from tests.support import (
     daemon_environment,
     environ_without_settings,
     finish,
-    make_settings,
+    jobs_settings,
     process_gone,
     running_daemon,
     until,
@@ -143,23 +142,6 @@ def declared_agents(root: Path) -> dict[str, Any]:
     }
 
 
-def jobs_settings(url: str, endpoint_id: str, root: Path, **jobs: Any) -> Settings:
-    return make_settings(
-        url,
-        str(uuid.uuid4()),
-        root,
-        bridge={"enabled": False},
-        jobs={
-            "enabled": True,
-            "runner_id": endpoint_id,
-            "python": sys.executable,
-            "kill_grace_seconds": 1,
-            "agents": declared_agents(root),
-            **jobs,
-        },
-    )
-
-
 def gated(marks: Path, token: str, *, lines: int = 0, gate: bool = True) -> dict[str, Any]:
     """The inputs of a ``gated`` job; its gate is ``marks/TOKEN.gate``."""
     inputs: dict[str, Any] = {"token": token, "marks": str(marks), "lines": lines}
@@ -205,7 +187,9 @@ async def agent_registered(api: DevClient, runner_id: str, name: str) -> bool:
 
 @pytest.fixture
 async def serving(devserver: DevServer, endpoint_id: str, agents_root: Path) -> AsyncIterator[Running]:
-    async with running_daemon(jobs_settings(devserver.url, endpoint_id, agents_root)) as running:
+    async with running_daemon(
+        jobs_settings(devserver.url, endpoint_id, agents_root, declared_agents(agents_root))
+    ) as running:
         await until(lambda: "gated" in running.daemon.jobs.agents, 20)
         yield running
 
@@ -229,7 +213,9 @@ async def job_across_an_outage(
     first = servers[0]
     async with DevClient(first.url) as api:
         endpoint_id = await api.dev_create_runner("jobs", type="endpoint", project_id=PROJECT)
-        async with running_daemon(jobs_settings(first.url, endpoint_id, agents_root)) as running:
+        async with running_daemon(
+            jobs_settings(first.url, endpoint_id, agents_root, declared_agents(agents_root))
+        ) as running:
             await until(lambda: "gated" in running.daemon.jobs.agents, 20)
             job_id = await api.create_job(PROJECT, "gated", gated(marks, "out", lines=300))
             agent = await started(marks, "out")
@@ -394,7 +380,7 @@ async def test_a_gone_bridge_runner_stops_the_bridge_while_the_jobs_go_on_and_ex
     daemons: DaemonProcesses,
 ) -> None:
     connect_id = await api.dev_create_runner("laptop", project_id=PROJECT)
-    jobs = jobs_settings(devserver.url, endpoint_id, agents_root).jobs
+    jobs = jobs_settings(devserver.url, endpoint_id, agents_root, declared_agents(agents_root)).jobs
     env = daemon_environment(
         devserver.url, connect_id, agents_root, jobs=json.dumps(jobs.model_dump(mode="json"))
     )
@@ -458,7 +444,9 @@ async def test_a_discovered_agent_with_opiks_sdk_logs_its_trace_under_the_jobs_t
     devserver: DevServer, api: DevClient, endpoint_id: str, workspace: Path
 ) -> None:
     (workspace / "traced.py").write_text(TRACED)
-    settings = jobs_settings(devserver.url, endpoint_id, workspace, python=str(OPIK_VENV_PYTHON))
+    settings = jobs_settings(
+        devserver.url, endpoint_id, workspace, declared_agents(workspace), python=str(OPIK_VENV_PYTHON)
+    )
     async with running_daemon(settings) as running:
         await until(lambda: "traced" in running.daemon.jobs.agents, 20)
         job = await finished(api, await api.create_job(PROJECT, "traced", {"question": "why"}))

@@ -11,6 +11,7 @@ ends the daemon (:class:`~runner_daemon.core.errors.Fatal`) is raised out of :me
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -256,17 +257,7 @@ class BridgeLoop:
         entries = await self.reporter.owed_from_before()
         if entries:
             log.info("delivering results owed from before the restart", results=len(entries))
-        for entry in entries:
-            if entry.command_id in self._claims:
-                continue
-            self._claims.claim(entry.command_id)
-            work.start_soon(self._redeliver, entry)
-
-    async def _redeliver(self, entry: OwedResult) -> None:
-        try:
-            await self.reporter.deliver(entry, recovered=True)
-        finally:
-            self._release(entry.command_id)
+        self._claims.deliver_owed(entries, functools.partial(self.reporter.deliver, recovered=True), work)
 
     def _release(self, command_id: str) -> None:
         self._claims.release(command_id)

@@ -8,15 +8,18 @@ for the reports).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 import anyio
 import structlog
 from anyio.abc import TaskGroup
 
 from runner_daemon.core.liveness import Liveness
+from runner_daemon.core.outbox import OwedResult
 
 log = structlog.get_logger(__name__)
+
+Deliver = Callable[[OwedResult], Awaitable[object]]
 
 
 class Claims:
@@ -61,6 +64,27 @@ class Claims:
     def cancel_all(self) -> None:
         for scope in self._scopes.values():
             scope.cancel()
+
+    def deliver_owed(
+        self,
+        entries: Iterable[OwedResult],
+        deliver: Callable[[OwedResult], Awaitable[object]],
+        work: TaskGroup,
+    ) -> None:
+        """What a previous run still owed, each in a slot of its own, before the first poll."""
+        for entry in entries:
+            if entry.command_id in self:
+                continue
+            self.claim(entry.command_id)
+            work.start_soon(self._deliver_owed, entry, deliver)
+
+    async def _deliver_owed(
+        self, entry: OwedResult, deliver: Callable[[OwedResult], Awaitable[object]]
+    ) -> None:
+        try:
+            await deliver(entry)
+        finally:
+            self.release(entry.command_id)
 
     async def wait_for_free_slot(self, stopping: Callable[[], bool]) -> None:
         """Parked, which health counts as moving, until a slot frees or a stop begins."""

@@ -346,17 +346,7 @@ class JobsLoop:
         entries = await self.reporter.owed_from_before()
         if entries:
             log.info("delivering job reports owed from before the restart", reports=len(entries))
-        for entry in entries:
-            if entry.command_id in self._claims:
-                continue
-            self._claims.claim(entry.command_id)
-            work.start_soon(self._redeliver, entry)
-
-    async def _redeliver(self, entry: OwedResult) -> None:
-        try:
-            await self.reporter.deliver(entry, recovered=True)
-        finally:
-            self._release(entry.command_id)
+        self._claims.deliver_owed(entries, functools.partial(self.reporter.deliver, recovered=True), work)
 
     def _release(self, job_id: str) -> None:
         self._cancelled_by_ui.discard(job_id)
