@@ -283,6 +283,7 @@ class JobsLoop:
         long as the report may, and still go first. The report is journalled by now, so a
         crash while they wait costs the lines, never the result."""
         if logs.unsent:
+            log.info("job log lines still unsent; the report waits for them", job_id=entry.command_id)
             await logs.flush(entry.created + self._settings.result_ttl_seconds - time.time())
 
     async def _execute(
