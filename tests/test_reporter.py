@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from runner_daemon.bridge.reporter import Reporter
@@ -13,11 +16,11 @@ from runner_daemon.bridge.results import Outcome
 from runner_daemon.bridge.stats import LoopStats
 from runner_daemon.core.api import RunnerApi
 from runner_daemon.core.errors import RunnerGone, Unauthorized
-from runner_daemon.core.outbox import Outbox, StartedCommand
+from runner_daemon.core.outbox import JOURNAL_FILE, Outbox, StartedCommand
 from runner_daemon.core.settings import Settings
 from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer
-from tests.support import make_settings
+from tests.support import command_status_is, make_settings, until
 
 pytestmark = pytest.mark.anyio
 
@@ -37,6 +40,22 @@ async def _picked_up(api: DevClient, runner_id: str) -> str:
     command_id = await api.submit_command(runner_id, "ReadFile", {"path": "README.md"})
     assert [item["command_id"] for item in await api.poll(runner_id, 1)] == [command_id]
     return command_id
+
+
+@pytest.fixture
+def held_fsync(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """The journal's fsyncs wait until the event is set (other files' fsyncs go on)."""
+    release = threading.Event()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(JOURNAL_FILE):
+            release.wait(30)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    yield release
+    release.set()
 
 
 def _reporter(settings: Settings, api: RunnerApi, stats: LoopStats, outbox: Outbox) -> Reporter:
@@ -119,3 +138,62 @@ async def test_owed_from_before_reports_interrupted_commands_and_keeps_owed_resu
         assert second.undelivered == 2  # journalled before any delivery is tried
     finally:
         await second.close()
+
+
+async def test_the_first_send_does_not_wait_for_the_fsync_but_a_second_one_does(
+    devserver: DevServer,
+    api: DevClient,
+    runner_id: str,
+    workspace: Path,
+    outbox: Outbox,
+    held_fsync: threading.Event,
+) -> None:
+    command_id = await _picked_up(api, runner_id)
+    await api.dev_post("faults", {"route": "report", "status": 503, "count": 1})
+    settings = make_settings(devserver.url, runner_id, workspace, retry_initial_seconds=0.01)
+    reporter = _reporter(settings, api, LoopStats(), outbox)
+    delivered: list[bool] = []
+
+    async def first_send_answered() -> bool:
+        return bool((await api.dev_get("faults"))["counters"]["queued"])
+
+    async with anyio.create_task_group() as group:
+
+        async def report() -> None:
+            delivered.append(await reporter.report(command_id, "ReadFile", DONE))
+
+        group.start_soon(report)
+        await until(first_send_answered)
+        # The line was in the journal file before that send, though not yet fsynced.
+        assert command_id in outbox.path.read_text()
+        # Many retry intervals pass: no second send while the result is not on disk.
+        await anyio.sleep(0.5)
+        assert await command_status_is(api, runner_id, command_id, "picked_up")
+        held_fsync.set()
+    assert delivered == [True]
+    assert await command_status_is(api, runner_id, command_id, "completed")
+
+
+async def test_a_report_returns_only_once_its_result_is_on_disk(
+    devserver: DevServer,
+    api: DevClient,
+    runner_id: str,
+    workspace: Path,
+    outbox: Outbox,
+    held_fsync: threading.Event,
+) -> None:
+    command_id = await _picked_up(api, runner_id)
+    reporter = _reporter(make_settings(devserver.url, runner_id, workspace), api, LoopStats(), outbox)
+    returned = anyio.Event()
+    async with anyio.create_task_group() as group:
+
+        async def report() -> None:
+            await reporter.report(command_id, "ReadFile", DONE)
+            returned.set()
+
+        group.start_soon(report)
+        await until(lambda: command_status_is(api, runner_id, command_id, "completed"))
+        await anyio.sleep(0.2)
+        assert not returned.is_set()  # the server holds it, but the slot is not free yet
+        held_fsync.set()
+    assert returned.is_set()

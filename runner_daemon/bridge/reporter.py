@@ -1,4 +1,4 @@
-"""Report: journal a command's result, then deliver it until Opik holds it or it is too old.
+"""Report: journal a command's result and deliver it until Opik holds it or it is too old.
 
 Also the one path for what a previous run left owed (:meth:`Reporter.owed_from_before`):
 those results go through the same :meth:`Reporter.deliver` as a fresh one.
@@ -6,7 +6,9 @@ those results go through the same :meth:`Reporter.deliver` as a fresh one.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -15,7 +17,7 @@ import structlog
 from runner_daemon.bridge.results import Outcome, encode_report, outcome_of
 from runner_daemon.bridge.stats import LoopStats
 from runner_daemon.core.api import RunnerApi
-from runner_daemon.core.errors import AlreadyReported, ApiError, RunnerGone, Unauthorized
+from runner_daemon.core.errors import AlreadyReported, ApiError, JournalUnavailable, RunnerGone, Unauthorized
 from runner_daemon.core.outbox import Outbox, OwedResult
 from runner_daemon.core.retry import Backoff, retrying
 from runner_daemon.core.settings import Settings
@@ -59,10 +61,33 @@ class Reporter:
         )
 
     async def report(self, command_id: str, command_type: str, outcome: Outcome) -> bool:
-        """Journal the result, then deliver it; True once the server holds it (409 counts)."""
+        """Journal the result and deliver it; True once the server holds it (409 counts).
+
+        The first send does not wait for the journal's fsync, which runs meanwhile: the line
+        is in the file (the page cache outlives a crashed daemon) before that send, on disk
+        before any second one, and on disk before this returns and the command's slot frees.
+        """
         entry = self.entry(command_id, command_type, outcome)
-        await self._outbox.result(entry)
-        return await self.deliver(entry, outcome)
+        mark = self._outbox.write_result(entry)
+        synced = anyio.Event()
+
+        async def sync() -> None:
+            try:
+                with contextlib.suppress(JournalUnavailable):  # kept in memory; sent all the same
+                    await self._outbox.sync(mark)
+            finally:
+                synced.set()
+
+        error: Exception | None = None
+        async with anyio.create_task_group() as group:
+            group.start_soon(sync)
+            try:
+                delivered = await self.deliver(entry, outcome, durable=synced.wait)
+            except Exception as exc:  # raised as itself once the fsync ended, not in a group
+                error = exc
+        if error is not None:
+            raise error
+        return delivered
 
     async def owed_from_before(self) -> list[OwedResult]:
         """What the previous run left: its undelivered results, and ``interrupted`` for each
@@ -77,7 +102,12 @@ class Reporter:
         return entries
 
     async def deliver(
-        self, entry: OwedResult, outcome: Outcome | None = None, *, recovered: bool = False
+        self,
+        entry: OwedResult,
+        outcome: Outcome | None = None,
+        *,
+        recovered: bool = False,
+        durable: Callable[[], Awaitable[object]] | None = None,
     ) -> bool:
         """Send until accepted or older than ``result_ttl_seconds``; True once the server holds it.
 
@@ -86,7 +116,8 @@ class Reporter:
         warning (its command, or that old runner, is gone; the live runner may be fine); a
         live one raises :class:`RunnerGone` (the runner was disconnected). A 401/403 raises
         :class:`Unauthorized`, and the result stays owed, to be sent again on the next start.
-        Anything else (5xx, network, 429, other 4xx, an unreadable answer) is retried.
+        Anything else (5xx, network, 429, other 4xx, an unreadable answer) is retried, each
+        retry only once ``durable()`` returned (the journal's fsync, when it still runs).
         """
         outcome = outcome or outcome_of(entry.body)
         bound = log.bind(command_id=entry.command_id, type=entry.command_type, status=outcome.status)
@@ -97,7 +128,7 @@ class Reporter:
         if recovered:
             bound = bound.bind(recovered=True)
         try:
-            delivered = await self._send(entry, bound, recovered)
+            delivered = await self._send(entry, bound, recovered, durable)
         except Unauthorized as exc:
             bound.error("result kept in the outbox: the server refused our credentials", error=str(exc))
             raise
@@ -114,8 +145,22 @@ class Reporter:
         await self._outbox.done(entry.command_id)
         return delivered
 
-    async def _send(self, entry: OwedResult, bound: Any, recovered: bool) -> bool:
+    async def _send(
+        self,
+        entry: OwedResult,
+        bound: Any,
+        recovered: bool,
+        durable: Callable[[], Awaitable[object]] | None,
+    ) -> bool:
         backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
+        sends = 0
+
+        async def send() -> None:
+            nonlocal sends
+            if sends and durable is not None:
+                await durable()  # never a second send of a result that is not on disk
+            sends += 1
+            await self._api.report(entry.runner_id, entry.command_id, entry.body)
 
         def note_retry(exc: ApiError, delay: float) -> None:
             self._stats.report_retries += 1
@@ -128,7 +173,7 @@ class Reporter:
         with anyio.move_on_after(max(remaining, 0.0)):
             try:
                 await retrying(
-                    lambda: self._api.report(entry.runner_id, entry.command_id, entry.body),
+                    send,
                     backoff,
                     note_retry,
                     final=(AlreadyReported,),

@@ -8,7 +8,12 @@ Four kinds of line, each one JSON object:
   page cache outlives the process), and only a power cut in that moment loses it, leaving
   that command for the server to time out. An fsync and a thread hop before every handler
   were a quarter of a command's latency (``runner-daemon bench --rate``);
-- ``result``: the encoded report, written (and fsynced) before it is first sent;
+- ``result``: the encoded report, written before it is first sent. A bridge result is
+  fsynced while that first send is under way (:meth:`Outbox.write_result` and
+  :meth:`Outbox.sync`): it is on disk before any second send and before its command's slot
+  is freed, so only a power cut during one send, which did not reach the server either,
+  loses it (the README's "Nothing lost" states the guarantee). A job's result, and one owed
+  from before, is fsynced before it is sent (:meth:`Outbox.result`);
 - ``done``: the server accepted it, answered 409, or it was dropped for good. Done lines
   are kept for :data:`REMEMBER_SECONDS` (at most :data:`MAX_REMEMBERED` of them), so a
   command id the server delivers again, in this run or after a restart, is answered from
@@ -149,8 +154,8 @@ class Outbox:
         self._body_bytes = 0
         self._signatures: OrderedDict[str, float] = OrderedDict()
         self._buffer: list[bytes] = []
-        self._appended = 0  # sequence of the last line buffered
-        self._flushed = 0  # sequence of the last line on disk
+        self._appended = 0  # sequence of the last line written or buffered
+        self._synced = 0  # sequence up to which every line is written and fsynced
         self._lock = anyio.Lock()
         self._write_lock = threading.Lock()  # one os.write at a time: lines never interleave
         self._compacting = False
@@ -337,7 +342,7 @@ class Outbox:
         entry = StartedCommand(runner_id, command_id, command_type, kind, trace_id)
         self._started[command_id] = entry
         line = _started_line(entry)
-        if self._compacting or self._torn:
+        if not self._can_write_now():
             # The file is being replaced, or may end in a torn line: the line goes through
             # the buffer, after the swap or behind a fresh newline.
             try:
@@ -346,23 +351,41 @@ class Outbox:
                 self._started.pop(command_id, None)
                 raise
             return
-        # One small O_APPEND write to the page cache, like a log line, done here: from a
-        # thread it would wait behind other commands' fsyncs.
         try:
-            with self._write_lock:
-                _write_all(self._fd, line)
-        except _PartialWrite as exc:
-            self._torn = self._torn or exc.written > 0
+            self._write_now(line)
+        except _PartialWrite:
             self._started.pop(command_id, None)
-            self._fail(exc)
             raise JournalUnavailable(self._failure_text()) from None
-        self._size += len(line)
+
+    def write_result(self, entry: OwedResult) -> int:
+        """Put a result's line in the journal file now, not yet fsynced; returns the mark
+        :meth:`sync` takes. On a failing disk the line is kept in memory (and the result sent)."""
+        self._owed[entry.command_id] = entry
+        line = _result_line(entry)
+        if self._can_write_now():
+            with contextlib.suppress(_PartialWrite):
+                self._write_now(line)
+                return self._appended
+        self._buffer.append(line)  # written by the next flush, or retry() once the disk works
+        self._appended += 1
+        return self._appended
+
+    async def sync(self, mark: int) -> None:
+        """Make every line up to ``mark`` durable; one fsync serves every line written before it.
+
+        :class:`JournalUnavailable` if the disk refuses: the lines stay kept for :meth:`retry`.
+        """
+        async with self._lock:
+            if self._synced >= mark:
+                return
+            await self._flush()
+            if self._size > self._compact_at:
+                await self._compact()
 
     async def result(self, entry: OwedResult) -> None:
-        """Record a result before it is sent; on a failing disk it is kept in memory and sent."""
-        self._owed[entry.command_id] = entry
+        """Record a result durably before it is sent; on a failing disk it is kept in memory and sent."""
         with contextlib.suppress(JournalUnavailable):
-            await self._append(_result_line(entry), durable=True)
+            await self.sync(self.write_result(entry))
 
     async def claim_signature(self, digest: str) -> bool:
         """Remember an accepted signature durably; False when it was accepted before."""
@@ -393,6 +416,22 @@ class Outbox:
         """How many results the server has not confirmed yet (the last log line says)."""
         return len(self._owed)
 
+    def _can_write_now(self) -> bool:
+        return not (self._compacting or self._torn or self.failure is not None)
+
+    def _write_now(self, line: bytes) -> None:
+        """One O_APPEND write to the page cache, like a log line, done on the event loop: from a
+        thread it would wait behind other commands' fsyncs. :class:`_PartialWrite` if refused."""
+        try:
+            with self._write_lock:
+                _write_all(self._fd, line)
+        except _PartialWrite as exc:
+            self._torn = self._torn or exc.written > 0
+            self._fail(exc)
+            raise
+        self._appended += 1
+        self._size += len(line)
+
     async def _append_or_withdraw(self, line: bytes) -> None:
         """A durable append whose line is taken back if the disk refuses it (its caller
         refuses the command, so the line must not be written later)."""
@@ -409,7 +448,7 @@ class Outbox:
         if not durable and len(self._buffer) < 64:
             return  # rides along with the next durable append
         async with self._lock:
-            if self._flushed >= mine:
+            if self._synced >= mine:
                 return  # another task's flush wrote (and synced) this line already
             await self._flush()
             if self._size > self._compact_at:
@@ -431,7 +470,7 @@ class Outbox:
             raise JournalUnavailable(self._failure_text()) from None
         self._torn = False
         self._size += len(prefix) + len(data)
-        self._flushed = upto
+        self._synced = upto
         if self.failure is not None:
             log.info("the outbox journal is writable again; taking commands", path=str(self.path))
             self.failure = None
@@ -487,7 +526,7 @@ class Outbox:
         """Flush what is buffered (as far as the disk lets us) and release the journal."""
         with anyio.CancelScope(shield=True):
             async with self._lock:
-                if self._buffer:
+                if self._buffer or self._synced < self._appended:
                     with contextlib.suppress(JournalUnavailable):
                         await self._flush()
             os.close(self._fd)
