@@ -641,17 +641,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="measure throughput, latency, CPU, memory and start-up time")
-    bench.add_argument("-n", "--count", type=int, help="commands to run (default 1000; --jobs: jobs, 50)")
+    bench.add_argument(
+        "-n", "--count", type=int, help="commands to run (default 1000; --link: 20; --jobs: jobs, 50)"
+    )
     bench.add_argument("--concurrency", type=int, default=10, help="the daemon's max_concurrency (10)")
     bench.add_argument("--type", default="ReadFile", choices=["ReadFile", "ListFiles"], help="command type")
     bench.add_argument("--rate", type=float, help="submit this many per second (default: a burst)")
-    bench.add_argument("--window", type=int, default=100, help="most commands unfinished at once (100)")
-    bench.add_argument("--warmup", type=int, help="commands run first, not measured (min(100, count))")
+    bench.add_argument("--window", type=int, help="most commands unfinished at once (100; --link: 1)")
+    bench.add_argument(
+        "--warmup", type=int, help="commands run first, not measured (min(100, count); --link: 2)"
+    )
     bench.add_argument("--idle", type=float, nargs="?", const=60.0, metavar="SECONDS", help="idle run (60)")
     bench.add_argument("--compare", choices=["opik"], help="also run Opik's own bridge loop, same workload")
     bench.add_argument("--opik-python", metavar="PATH", help="a Python that imports opik (default: this one)")
-    bench.add_argument("--opik-client", default="rest", choices=["rest", "sdk"], help="OpikApi or Opik()")
-    bench.add_argument("--timeout", type=float, help="seconds allowed per runner's run (120 + 0.05 x count)")
+    bench.add_argument(
+        "--opik-client",
+        choices=["rest", "sdk"],
+        help="a bare OpikApi (rest) or Opik()'s, which gzips (sdk) (default rest; --link: sdk)",
+    )
+    bench.add_argument(
+        "--opik-plain", action="store_true", help="Opik's client sends its request bodies plain (not gzipped)"
+    )
+    bench.add_argument(
+        "--timeout",
+        type=float,
+        help="seconds allowed per runner's run (120 + 0.05 x count; --link: plus each result's time over it)",
+    )
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
     bench.add_argument(
         "--repeat", type=int, default=1, metavar="N", help="run each runner N times, alternating; medians (1)"
@@ -661,6 +676,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--heartbeat", type=float, metavar="SECONDS", help="--jobs: the daemon's heartbeat interval (its 5)"
+    )
+    bench.add_argument(
+        "--link",
+        metavar="RATE/DELAY",
+        help="the runners reach the dev server over a simulated slow link, e.g. 2mbit/40ms: RATE each "
+        "way (tc tbf), DELAY each way (a proxy); root, in a network namespace of its own",
+    )
+    bench.add_argument(
+        "--size",
+        type=int,
+        metavar="BYTES",
+        help="ReadFile reads this many bytes of source text (--link: 512000)",
     )
     bench.set_defaults(func=cmd_bench)
     return parser

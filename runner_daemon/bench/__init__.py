@@ -20,6 +20,10 @@ each runner's figures and each ratio's median and min-max over the rounds' pairs
 With ``--jobs`` the daemon serves an endpoint runner instead, with one declared agent, and
 this process creates and cancels jobs as Opik's playground does (:mod:`.jobs`).
 
+With ``--link RATE/DELAY`` the bench runs itself again in a network namespace of its own,
+where the runners reach the dev server through a delaying proxy whose port ``tc`` limits to
+RATE (:mod:`.link`); the dev server and this process talk at loopback speed.
+
 Latencies are the server's own times, ``completed_at - submitted_at`` of each command's
 record; CPU is utime + stime and memory VmRSS / VmHWM of the runner process, from /proc.
 Children are killed on any exit of the bench: an exception, Ctrl-C, SIGTERM or SIGHUP, and
@@ -28,8 +32,9 @@ Children are killed on any exit of the bench: an exception, Ctrl-C, SIGTERM or S
 One module per job: :mod:`.children` (spawning, killing and configuring the child processes),
 :mod:`.probes` (/proc), :mod:`.load_client` (the load generator's HTTP client),
 :mod:`.records` (options and figures), :mod:`.run` (the bench itself and the command's body),
-:mod:`.jobs` (the ``--jobs`` run), :mod:`.report` (targets and output), :mod:`.opik_driver`
-(Opik's runner, in Opik's venv).
+:mod:`.jobs` (the ``--jobs`` run), :mod:`.link` (``--link``: the namespace, the shaping, the
+proxy), :mod:`.report` (targets and output), :mod:`.opik_driver` (Opik's runner, in Opik's
+venv).
 """
 
 from runner_daemon.bench.run import run_bench

@@ -61,8 +61,8 @@ class Children:
         argv: list[str],
         env: Mapping[str, str],
         *,
-        stdout: IO[bytes] | int,
-        stderr: IO[bytes] | int,
+        stdout: IO[bytes] | int | None,
+        stderr: IO[bytes] | int | None,
         cwd: Path,
     ) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
@@ -129,12 +129,13 @@ def clean_environ() -> dict[str, str]:
     }
 
 
-def opik_environ(url: str | None) -> dict[str, str]:
+def opik_environ(url: str | None, compress: bool = True) -> dict[str, str]:
     """For the opik child: no error reports or usage analytics sent anywhere, the dev server as Opik."""
     env = {**clean_environ(), "OPIK_SENTRY_ENABLE": "false", "OPIK_ANALYTICS_ENABLE": "false"}
-    # Opik's client gzips request bodies of 256 bytes or more, as runner-daemon does, and the dev
-    # server inflates them as Opik's server does: both runners pay the same wire cost.
-    env["OPIK_ENABLE_JSON_REQUEST_COMPRESSION"] = "true"
+    # The client Opik's runner uses (``Opik().rest_client``, the driver's "sdk") gzips request
+    # bodies of 256 bytes or more, as runner-daemon does, and the dev server inflates them as
+    # Opik's server does. A bare OpikApi (the driver's "rest") sends them plain whatever this says.
+    env["OPIK_ENABLE_JSON_REQUEST_COMPRESSION"] = "true" if compress else "false"
     if url:
         env["OPIK_URL_OVERRIDE"] = url
     return env

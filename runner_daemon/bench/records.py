@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -28,10 +29,60 @@ DEFAULT_COMMANDS = 1000
 DEFAULT_JOBS = 50
 # --repeat: enough rounds for a median, few enough that a typo does not run for hours.
 MAX_REPEAT = 50
+# --link's defaults: a few large ReadFile results, one at a time, so each command's latency is
+# its own trip over the link (a run takes well under a minute at 2mbit).
+LINK_COMMANDS = 20
+LINK_WARMUP = 2
+LINK_WINDOW = 1
+LINK_SIZE = 512_000
+# ReadFile cuts a result at 512,000 characters: a larger --size would not be read whole.
+MAX_SIZE = 512_000
+MAX_RATE_BITS = 1_000_000_000
+MIN_RATE_BITS = 64_000
+MAX_DELAY_SECONDS = 2.0
 
 
 class BenchError(Exception):
     """The bench could not measure (a child did not start, commands did not finish)."""
+
+
+_RATE = re.compile(r"(\d+(?:\.\d+)?)(kbit|mbit|gbit)", re.IGNORECASE)
+_DELAY = re.compile(r"(\d+(?:\.\d+)?)(ms|s)", re.IGNORECASE)
+_RATE_UNITS = {"kbit": 1_000, "mbit": 1_000_000, "gbit": 1_000_000_000}
+
+
+@dataclass(frozen=True)
+class Link:
+    """``--link``: a link's rate (bits per second, each way) and its one-way delay (seconds);
+    :mod:`.link` builds it."""
+
+    rate_bits: int
+    delay: float
+
+    @classmethod
+    def parse(cls, text: str) -> Link:
+        """``RATE[/DELAY]`` as tc spells them: ``2mbit/40ms``, ``512kbit/0.1s``, ``1gbit``."""
+        rate_text, _, delay_text = text.partition("/")
+        rate = _RATE.fullmatch(rate_text.strip())
+        if rate is None:
+            raise ValueError(f"rate {rate_text!r}: a number and kbit, mbit or gbit (2mbit)")
+        delay = _DELAY.fullmatch(delay_text.strip() or "0ms")
+        if delay is None:
+            raise ValueError(f"delay {delay_text!r}: a number and ms or s (40ms)")
+        bits = round(float(rate[1]) * _RATE_UNITS[rate[2].lower()])
+        seconds = float(delay[1]) * (0.001 if delay[2].lower() == "ms" else 1.0)
+        if not MIN_RATE_BITS <= bits <= MAX_RATE_BITS:
+            raise ValueError("rate: from 64kbit to 1gbit")
+        if seconds > MAX_DELAY_SECONDS:
+            raise ValueError(f"delay: at most {MAX_DELAY_SECONDS:g} s")
+        return cls(bits, seconds)
+
+    def seconds_for(self, size: int) -> float:
+        """What ``size`` bytes of payload take over the link, with room for headers, and a round trip."""
+        return size * 8 * 1.1 / self.rate_bits + 2 * self.delay
+
+    def describe(self) -> str:
+        return f"{self.rate_bits / 1e6:g} Mbit/s and {self.delay * 1000:g} ms each way"
 
 
 @dataclass
@@ -55,27 +106,62 @@ class Options:
     heartbeat: float | None = None
     # Rounds: each runner runs this many times, alternating; medians are reported.
     repeat: int = 1
+    # RATE/DELAY: the runners reach the dev server over a simulated slow link (:mod:`.link`).
+    link: str | None = None
+    # ReadFile reads a file of this many bytes of source text; None: a small README.
+    size: int | None = None
+    # Opik's client sends its request bodies plain (OPIK_ENABLE_JSON_REQUEST_COMPRESSION=false).
+    opik_plain: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
-        count = args.count if args.count is not None else DEFAULT_JOBS if args.jobs else DEFAULT_COMMANDS
+        link = args.link
+        if args.count is not None:
+            count = args.count
+        else:
+            count = DEFAULT_JOBS if args.jobs else LINK_COMMANDS if link else DEFAULT_COMMANDS
+        size = args.size
+        if size is None and link and args.type == "ReadFile":
+            size = LINK_SIZE
+        # The time one result takes over the link, sent plain: a run's bound grows with it.
+        try:
+            per_command = Link.parse(link).seconds_for(size or 0) if link else 0.0
+        except ValueError:
+            per_command = 0.0  # check() says what is wrong with it
+        warmup = args.warmup if args.warmup is not None else min(LINK_WARMUP if link else 100, count)
         return cls(
             count=count,
             concurrency=args.concurrency,
             command_type=args.type,
             rate=args.rate,
-            window=args.window,
-            warmup=args.warmup if args.warmup is not None else min(100, count),
+            window=args.window if args.window is not None else LINK_WINDOW if link else 100,
+            warmup=warmup,
             idle=args.idle,
             compare=args.compare,
             opik_python=args.opik_python or sys.executable,
-            opik_client=args.opik_client,
-            timeout=args.timeout if args.timeout is not None else 120.0 + count * 0.05,
+            # Opik's runner builds its client as the SDK does, and it gzips: over a link the
+            # bytes matter, so that client by default.
+            opik_client=args.opik_client or ("sdk" if link else "rest"),
+            timeout=args.timeout if args.timeout is not None else 120.0 + count * (0.05 + per_command),
             json=args.json,
             jobs=args.jobs,
             heartbeat=args.heartbeat,
             repeat=args.repeat,
+            link=link,
+            size=size,
+            opik_plain=args.opik_plain,
         )
+
+    @property
+    def link_spec(self) -> Link | None:
+        """The parsed ``--link`` (once :meth:`check` passed), or None."""
+        return Link.parse(self.link) if self.link else None
+
+    def stall_seconds(self, idle: float) -> float:
+        """How long a run may go without a result: ``idle``, plus over a link the time the
+        window's results take to cross it, sent plain."""
+        link = self.link_spec
+        return idle if link is None else idle + self.window * link.seconds_for(self.size or 0)
 
     def check(self) -> str | None:
         if self.count < 1:
@@ -96,6 +182,21 @@ class Options:
             return f"--repeat must be between 1 and {MAX_REPEAT}"
         if self.jobs and (self.idle is not None or self.compare is not None or self.repeat != 1):
             return "--jobs measures runner-daemon's jobs alone, once: no --idle, --compare or --repeat"
+        if self.size is not None and self.command_type != "ReadFile":
+            return "--size goes with --type ReadFile"
+        if self.size is not None and not 1 <= self.size <= MAX_SIZE:
+            return f"--size must be between 1 and {MAX_SIZE:,} (ReadFile's cap)"
+        if self.opik_plain and self.compare != "opik":
+            return "--opik-plain goes with --compare opik"
+        if self.opik_plain and self.opik_client != "sdk":
+            return "--opik-plain goes with --opik-client sdk (a bare OpikApi sends plain anyway)"
+        if self.link is not None:
+            if self.jobs or self.idle is not None:
+                return "--link measures a load run: not with --jobs or --idle"
+            try:
+                Link.parse(self.link)
+            except ValueError as exc:
+                return f"--link {self.link}: {exc}"
         return None
 
 
@@ -197,6 +298,11 @@ class LoadRun:
     # From the poll that claimed it to its result stored: the runner's own share of the latency.
     in_runner_ms: Latency = field(default_factory=lambda: Latency.of([]))
     polls: int = 0  # long polls the runner made while measured (the dev server counts them)
+    reports: int = 0  # results the dev server accepted while measured
+    reports_gzipped: int = 0  # of those, how many came gzipped
+    # --link: bytes the link carried while measured, TCP/IP headers included.
+    link_up_bytes: float = math.nan
+    link_down_bytes: float = math.nan
     round: int = 1  # which of --repeat's rounds; 0 for a median
     runs: int = 1  # how many runs these figures are the median of
 
@@ -228,6 +334,10 @@ class LoadRun:
             bench_cpu_seconds=median_of(run.bench_cpu_seconds for run in runs),
             in_runner_ms=Latency.median_of([run.in_runner_ms for run in runs]),
             polls=statistics.median_low(run.polls for run in runs),
+            reports=statistics.median_low(run.reports for run in runs),
+            reports_gzipped=statistics.median_low(run.reports_gzipped for run in runs),
+            link_up_bytes=median_of(run.link_up_bytes for run in runs),
+            link_down_bytes=median_of(run.link_down_bytes for run in runs),
             round=0,
             runs=len(runs),
         )

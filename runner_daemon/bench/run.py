@@ -7,14 +7,19 @@ Which process does what is in the package's docstring (:mod:`runner_daemon.bench
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -22,7 +27,9 @@ from typing import IO, Any
 import anyio
 import anyio.to_thread
 
+import runner_daemon
 from runner_daemon import __version__
+from runner_daemon.bench import link
 from runner_daemon.bench.children import (
     FINISHED_TTL_SECONDS,
     LISTENING,
@@ -40,6 +47,7 @@ from runner_daemon.bench.records import (
     BenchError,
     Finished,
     IdleRun,
+    Link,
     LoadRun,
     Memory,
     Options,
@@ -60,6 +68,37 @@ COMMAND_ARGS: Mapping[str, dict[str, Any]] = {
     "ReadFile": {"path": "README.md"},
     "ListFiles": {"path": "src"},
 }
+# ReadFile's target with --size.
+SOURCE_FILE = "source.py"
+# ReadFile returns at most this many lines.
+READ_FILE_LINES = 2000
+# The link scenario's options reach the bench re-run in its network namespace (:mod:`.link`).
+_OPTIONS_ENV = "RD_BENCH_OPTIONS"
+
+
+def source_text(size: int) -> str:
+    """``size`` bytes of ASCII source text, this package's own, in at most ReadFile's 2,000
+    lines: gzip gets the ratio it gets on code (about 3.3x), not the one of random or
+    repeated bytes. Consecutive lines are joined (by a space) as long as that window needs."""
+    sources = sorted(Path(runner_daemon.__file__).parent.rglob("*.py"))
+    lines = [
+        line.rstrip().encode("ascii", "replace").decode()
+        for path in sources
+        for line in path.read_text().splitlines()
+        if line.strip()
+    ]
+    width = math.ceil(size / (READ_FILE_LINES - 1))
+    out: list[str] = []
+    total, current, i = 0, "", 0
+    while total < size:
+        line = lines[i % len(lines)]
+        i += 1
+        current = f"{current} {line.strip()}" if current else line
+        if len(current) >= width:
+            out.append(current + "\n")
+            total += len(current) + 1
+            current = ""
+    return "".join(out)[: size - 1] + "\n"
 
 
 @dataclass
@@ -93,6 +132,8 @@ class Bench:
         self.workspace = scratch / "workspace"
         self.logs = scratch / "logs"
         self.url = ""
+        self.runner_url = ""  # the dev server, or with --link the proxy in front of it
+        self.link = options.link_spec
         self.opik_version = ""
         self.devserver_pid = 0
         self.client = LoadClient("http://127.0.0.1/")  # replaced once the dev server listens
@@ -106,14 +147,24 @@ class Bench:
         (self.workspace / "README.md").write_text("# bench\n" + "".join(lines))
         for i in range(10):
             (self.workspace / "src" / f"module_{i}.py").write_text(f"VALUE = {i}\n")
+        if self.options.size is not None:
+            (self.workspace / SOURCE_FILE).write_text(source_text(self.options.size))
+
+    def command_args(self) -> dict[str, Any]:
+        if self.options.command_type == "ReadFile" and self.options.size is not None:
+            return {"path": SOURCE_FILE}
+        return dict(COMMAND_ARGS[self.options.command_type])
 
     def _log(self, name: str) -> IO[bytes]:
         """A child's output file, kept in the scratch folder (which stays when the bench fails)."""
         return open(self.logs / name, "wb")
 
-    async def start_devserver(self, heartbeat_ttl: float = 15.0) -> None:
-        argv, env = devserver_command(max_pending=self.options.window + 50, heartbeat_ttl=heartbeat_ttl)
-        with self._log("devserver.log") as stderr:
+    async def _start_listener(
+        self, name: str, command: tuple[list[str], dict[str, str]], prefix: str
+    ) -> tuple[subprocess.Popen[bytes], str]:
+        """Spawn a child that prints ``prefix`` and where it listens as its first line: that rest."""
+        argv, env = command
+        with self._log(f"{name.replace(' ', '')}.log") as stderr:
             proc = self.children.spawn(argv, env, stdout=subprocess.PIPE, stderr=stderr, cwd=self.scratch)
         assert proc.stdout is not None
         stdout = proc.stdout
@@ -125,11 +176,24 @@ class Bench:
         with anyio.move_on_after(START_TIMEOUT_SECONDS):
             line = await anyio.to_thread.run_sync(first_line, abandon_on_cancel=True)
         text = line.decode(errors="replace").strip()
-        if not text.startswith(LISTENING):
+        if not text.startswith(prefix):
             proc.kill()
-            raise BenchError(f"the dev server did not start: {text or 'no output'}")
-        self.url = text.removeprefix(LISTENING)
+            raise BenchError(f"the {name} did not start: {text or 'no output'}")
+        return proc, text.removeprefix(prefix)
+
+    async def start_devserver(self, heartbeat_ttl: float = 15.0) -> None:
+        command = devserver_command(max_pending=self.options.window + 50, heartbeat_ttl=heartbeat_ttl)
+        proc, self.url = await self._start_listener("dev server", command, LISTENING)
+        self.runner_url = self.url
         self.devserver_pid = proc.pid
+
+    async def start_link(self, spec: Link) -> None:
+        """The delaying proxy in front of the dev server, its port shaped: the runners' way in."""
+        parts = urllib.parse.urlsplit(self.url)
+        command = link.proxy_command(parts.port or 80, spec.delay)
+        _, port = await self._start_listener("link proxy", command, link.PROXY_LISTENING)
+        await link.shape(int(port), spec)
+        self.runner_url = urllib.parse.urlunsplit(parts._replace(netloc=f"127.0.0.1:{port}"))
 
     async def check_opik(self) -> None:
         argv = [self.options.opik_python, "-I", "-c", "import opik; print(opik.__version__)"]
@@ -153,7 +217,7 @@ class Bench:
         if kind == "runner-daemon":
             env = {
                 **clean_environ(),
-                "RUNNER_DAEMON_URL": self.url,
+                "RUNNER_DAEMON_URL": self.runner_url,
                 "RUNNER_DAEMON_RUNNER_ID": runner_id,
                 "RUNNER_DAEMON_WORKSPACE_ROOT": str(self.workspace),
                 "RUNNER_DAEMON_STATE_DIRECTORY": str(self.scratch / f"state-{runner_id}"),
@@ -167,8 +231,10 @@ class Bench:
                 "NOTIFY_SOCKET": address,
             }
             return [sys.executable, "-m", "runner_daemon", "run"], env
-        argv = [self.options.opik_python, "-I", str(OPIK_DRIVER), self.url, runner_id, str(self.workspace)]
-        return [*argv, self.options.opik_client], {**opik_environ(self.url), "NOTIFY_SOCKET": address}
+        url = self.runner_url
+        argv = [self.options.opik_python, "-I", str(OPIK_DRIVER), url, runner_id, str(self.workspace)]
+        env = opik_environ(url, compress=not self.options.opik_plain)
+        return [*argv, self.options.opik_client], {**env, "NOTIFY_SOCKET": address}
 
     async def start_runner(self, kind: RunnerKind, name: str) -> Runner:
         """Create a runner on the dev server and spawn its process (:meth:`spawn_runner`)."""
@@ -227,13 +293,15 @@ class Bench:
             start_rss, _ = memory_mb(runner.pid)
             if options.warmup:
                 await self.drive(runner_id, options.warmup, None)
-            polls_before = await self._polls(runner_id)
+            stats_before = await self._stats(runner_id)
+            wire_before = await link.shaped_bytes() if self.link else (0, 0)
             cpu_before, rss_before = cpu_seconds(runner.pid), memory_mb(runner.pid)[0]
             server_before, own_before = cpu_seconds(self.devserver_pid), cpu_seconds(os.getpid())
             records, late = await self.drive(runner_id, options.count, options.rate)
             cpu_after, (rss_after, peak) = cpu_seconds(runner.pid), memory_mb(runner.pid)
             server_cpu = cpu_seconds(self.devserver_pid) - server_before
-            polls = await self._polls(runner_id) - polls_before
+            wire_after = await link.shaped_bytes() if self.link else (0, 0)
+            stats = await self._stats(runner_id)
             own_cpu = cpu_seconds(os.getpid()) - own_before
         finally:
             status = runner.stop()
@@ -244,21 +312,29 @@ class Bench:
         run.exit_status = status
         run.devserver_cpu_seconds = server_cpu
         run.bench_cpu_seconds = own_cpu
-        run.polls = polls
+        run.polls = stats["polls"] - stats_before["polls"]
+        run.reports = stats["reports_accepted"] - stats_before["reports_accepted"]
+        run.reports_gzipped = stats["reports_gzipped"] - stats_before["reports_gzipped"]
+        if self.link:
+            run.link_up_bytes = wire_after[0] - wire_before[0]
+            run.link_down_bytes = wire_after[1] - wire_before[1]
         run.round = round_number
         return run
 
-    async def _polls(self, runner_id: str) -> int:
-        return int((await self.client.request("GET", f"dev/runners/{runner_id}/stats"))["polls"])
+    async def _stats(self, runner_id: str) -> dict[str, int]:
+        """The dev server's counters of a runner: polls, reports accepted and gzipped."""
+        stats = await self.client.request("GET", f"dev/runners/{runner_id}/stats")
+        return {key: int(stats[key]) for key in ("polls", "reports_accepted", "reports_gzipped")}
 
     async def drive(self, runner_id: str, count: int, rate: float | None) -> tuple[list[Finished], int]:
         """Submit ``count`` commands (a burst, or ``rate`` per second) with at most ``window``
         unfinished at a time; returns every final record and how many submissions were late."""
         options = self.options
-        args = COMMAND_ARGS[options.command_type]
+        args = self.command_args()
         records: list[Finished] = []
         window = anyio.Semaphore(options.window)
         late = 0
+        stall = options.stall_seconds(STALL_SECONDS)
 
         async def one() -> None:
             try:
@@ -273,10 +349,8 @@ class Bench:
             while len(records) < count:
                 if len(records) != seen:
                     seen, since = len(records), time.monotonic()
-                elif time.monotonic() - since > STALL_SECONDS:
-                    raise BenchError(
-                        f"no result for {STALL_SECONDS:g} s; {seen} of {count} commands finished"
-                    )
+                elif time.monotonic() - since > stall:
+                    raise BenchError(f"no result for {stall:.0f} s; {seen} of {count} commands finished")
                 await anyio.sleep(0.5)
 
         try:
@@ -348,8 +422,12 @@ class Bench:
         self.make_workspace()
         if options.jobs:
             return await self.run_jobs(report)
+        if self.link:
+            await link.loopback_up()
         await self.start_devserver()
         report.devserver_url = self.url
+        if self.link:
+            await self.start_link(self.link)
         kinds: list[RunnerKind] = ["runner-daemon"]
         if options.compare == "opik":
             await self.check_opik()
@@ -385,7 +463,7 @@ class Bench:
 
 def run_bench(args: argparse.Namespace) -> int:
     """The ``bench`` command's body; exit 1 when the bench could not measure or commands (jobs)
-    failed."""
+    failed. With ``--link``, the bench runs again in a network namespace of its own."""
     options = Options.from_args(args)
     problem = options.check()
     if problem:
@@ -394,6 +472,44 @@ def run_bench(args: argparse.Namespace) -> int:
     if not sys.platform.startswith("linux"):
         print("runner-daemon bench: needs Linux (/proc)", file=sys.stderr)
         return 1
+    if options.link is not None:
+        return _run_in_namespace(options)
+    return _measure(options)
+
+
+def _run_in_namespace(options: Options) -> int:
+    """The whole bench, again, in a new network namespace (:mod:`.link`): its output is this
+    command's, its exit status too."""
+    problem = link.unavailable()
+    if problem:
+        print(f"runner-daemon bench: {problem}", file=sys.stderr)
+        return 1
+    entry = (
+        "from runner_daemon.bench.run import measure_in_namespace; raise SystemExit(measure_in_namespace())"
+    )
+    argv, env = link.namespace_command(entry, {**os.environ, _OPTIONS_ENV: json.dumps(asdict(options))})
+    try:
+        with signals_raise(), Children() as children:
+            proc = children.spawn(argv, env, stdout=None, stderr=None, cwd=Path.cwd())
+            try:
+                return proc.wait()
+            except KeyboardInterrupt as exc:
+                if exc.args:  # SIGTERM or SIGHUP to this process alone (a Ctrl-C reaches both)
+                    proc.send_signal(signal.SIGTERM)
+                with suppress(subprocess.TimeoutExpired):
+                    proc.wait(STOP_TIMEOUT_SECONDS)  # it cleans up after itself
+                raise
+    except KeyboardInterrupt:
+        return 130  # the bench in the namespace said so
+
+
+def measure_in_namespace() -> int:
+    """Entry point of the bench re-run by :func:`_run_in_namespace`."""
+    return _measure(Options(**json.loads(os.environ[_OPTIONS_ENV])))
+
+
+def _measure(options: Options) -> int:
+    """Run the bench and print its report."""
     # Short: a unix socket path must fit in 108 bytes.
     scratch = Path(tempfile.mkdtemp(prefix="rd-bench-"))
     try:
