@@ -657,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--opik-client",
         choices=["rest", "sdk"],
-        help="a bare OpikApi (rest) or Opik()'s, which gzips (sdk) (default rest; --link: sdk)",
+        help="Opik()'s, as Opik's runner builds it, which gzips (sdk, the default) or a bare OpikApi (rest)",
     )
     bench.add_argument(
         "--opik-plain", action="store_true", help="Opik's client sends its request bodies plain (not gzipped)"

@@ -214,7 +214,7 @@ def test_given_options_win_over_the_link_defaults_and_no_link_keeps_the_old_ones
     assert (options_rest.opik_client, options_rest.repeat) == ("rest", 3)
     plain = _options()
     assert (plain.count, plain.window, plain.warmup, plain.size, plain.link) == (1000, 100, 100, None, None)
-    assert plain.opik_client == "rest"
+    assert plain.opik_client == "sdk"  # what Opik's runner builds, with or without a link
     assert plain.stall_seconds(30) == 30
     assert _options("--type", "ListFiles", "--link", "2mbit").size is None
 
@@ -229,7 +229,7 @@ def test_given_options_win_over_the_link_defaults_and_no_link_keeps_the_old_ones
         (["--size", "512001"], "--size"),
         (["--size", "1000", "--type", "ListFiles"], "--size"),
         (["--opik-plain"], "--opik-plain"),
-        (["--opik-plain", "--compare", "opik"], "--opik-client sdk"),  # the bare client is plain
+        (["--opik-plain", "--compare", "opik", "--opik-client", "rest"], "--opik-client sdk"),  # plain anyway
     ],
 )
 def test_link_options_are_checked(args: list[str], named: str) -> None:

@@ -141,7 +141,7 @@ class Options:
             opik_python=args.opik_python or sys.executable,
             # Opik's runner builds its client as the SDK does, and it gzips: over a link the
             # bytes matter, so that client by default.
-            opik_client=args.opik_client or ("sdk" if link else "rest"),
+            opik_client=args.opik_client or "sdk",
             timeout=args.timeout if args.timeout is not None else 120.0 + count * (0.05 + per_command),
             json=args.json,
             jobs=args.jobs,
