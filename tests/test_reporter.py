@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from runner_daemon.bridge.reporter import Reporter
+from runner_daemon.bridge.reporter import SYNC_GRACE_SECONDS, Reporter
 from runner_daemon.bridge.results import Outcome
 from runner_daemon.bridge.stats import LoopStats
 from runner_daemon.core.api import RunnerApi
@@ -174,26 +174,52 @@ async def test_the_first_send_does_not_wait_for_the_fsync_but_a_second_one_does(
     assert await command_status_is(api, runner_id, command_id, "completed")
 
 
-async def test_a_report_returns_only_once_its_result_is_on_disk(
+async def test_a_result_delivered_by_its_first_send_is_never_fsynced(
     devserver: DevServer,
     api: DevClient,
     runner_id: str,
     workspace: Path,
     outbox: Outbox,
-    held_fsync: threading.Event,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     command_id = await _picked_up(api, runner_id)
+    journal_fsyncs: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(JOURNAL_FILE):
+            journal_fsyncs.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
     reporter = _reporter(make_settings(devserver.url, runner_id, workspace), api, LoopStats(), outbox)
-    returned = anyio.Event()
-    async with anyio.create_task_group() as group:
+    assert await reporter.report(command_id, "ReadFile", DONE) is True
+    assert await command_status_is(api, runner_id, command_id, "completed")
+    assert command_id in outbox.path.read_text()  # written all the same: a crash keeps it
+    assert journal_fsyncs == []
 
-        async def report() -> None:
-            await reporter.report(command_id, "ReadFile", DONE)
-            returned.set()
 
-        group.start_soon(report)
-        await until(lambda: command_status_is(api, runner_id, command_id, "completed"))
-        await anyio.sleep(0.2)
-        assert not returned.is_set()  # the server holds it, but the slot is not free yet
-        held_fsync.set()
-    assert returned.is_set()
+async def test_a_first_send_left_unanswered_gets_its_result_fsynced_meanwhile(
+    devserver: DevServer,
+    api: DevClient,
+    runner_id: str,
+    workspace: Path,
+    outbox: Outbox,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    command_id = await _picked_up(api, runner_id)
+    synced_while_unanswered: list[bool] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(JOURNAL_FILE):
+            status = devserver.state.command(runner_id, command_id).status
+            synced_while_unanswered.append(status == "picked_up")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    # The server holds each report far longer than the grace before it answers.
+    await api.dev_post("faults/profile", {"routes": ["report"], "latency_ms": 20 * SYNC_GRACE_SECONDS * 1000})
+    reporter = _reporter(make_settings(devserver.url, runner_id, workspace), api, LoopStats(), outbox)
+    assert await reporter.report(command_id, "ReadFile", DONE) is True
+    assert synced_while_unanswered[:1] == [True]

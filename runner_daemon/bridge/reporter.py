@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -23,6 +22,9 @@ from runner_daemon.core.retry import Backoff, retrying
 from runner_daemon.core.settings import Settings
 
 log = structlog.get_logger(__name__)
+
+# A fresh result whose first send is still unanswered after this long is fsynced meanwhile.
+SYNC_GRACE_SECONDS = 0.05
 
 
 class Reporter:
@@ -63,26 +65,17 @@ class Reporter:
     async def report(self, command_id: str, command_type: str, outcome: Outcome) -> bool:
         """Journal the result and deliver it; True once the server holds it (409 counts).
 
-        The first send does not wait for the journal's fsync, which runs meanwhile: the line
-        is in the file (the page cache outlives a crashed daemon) before that send, on disk
-        before any second one, and on disk before this returns and the command's slot frees.
+        The line is in the journal file (the page cache outlives a crashed daemon) before the
+        first send, which does not wait for an fsync: see :class:`_Durability` for when it is
+        fsynced. That is settled before this returns and the command's slot frees.
         """
         entry = self.entry(command_id, command_type, outcome)
-        mark = self._outbox.write_result(entry)
-        synced = anyio.Event()
-
-        async def sync() -> None:
-            try:
-                with contextlib.suppress(JournalUnavailable):  # kept in memory; sent all the same
-                    await self._outbox.sync(mark)
-            finally:
-                synced.set()
-
+        durability = _Durability(self._outbox, self._outbox.write_result(entry))
         error: Exception | None = None
         async with anyio.create_task_group() as group:
-            group.start_soon(sync)
+            group.start_soon(durability.run)
             try:
-                delivered = await self.deliver(entry, outcome, durable=synced.wait)
+                delivered = await self.deliver(entry, outcome, fresh=durability)
             except Exception as exc:  # raised as itself once the fsync ended, not in a group
                 error = exc
         if error is not None:
@@ -107,7 +100,7 @@ class Reporter:
         outcome: Outcome | None = None,
         *,
         recovered: bool = False,
-        durable: Callable[[], Awaitable[object]] | None = None,
+        fresh: _Durability | None = None,
     ) -> bool:
         """Send until accepted or older than ``result_ttl_seconds``; True once the server holds it.
 
@@ -116,8 +109,8 @@ class Reporter:
         warning (its command, or that old runner, is gone; the live runner may be fine); a
         live one raises :class:`RunnerGone` (the runner was disconnected). A 401/403 raises
         :class:`Unauthorized`, and the result stays owed, to be sent again on the next start.
-        Anything else (5xx, network, 429, other 4xx, an unreadable answer) is retried, each
-        retry only once ``durable()`` returned (the journal's fsync, when it still runs).
+        Anything else (5xx, network, 429, other 4xx, an unreadable answer) is retried; a
+        ``fresh`` result only once its journal line is on disk.
         """
         outcome = outcome or outcome_of(entry.body)
         bound = log.bind(command_id=entry.command_id, type=entry.command_type, status=outcome.status)
@@ -128,7 +121,7 @@ class Reporter:
         if recovered:
             bound = bound.bind(recovered=True)
         try:
-            delivered = await self._send(entry, bound, recovered, durable)
+            delivered = await self._send(entry, bound, recovered, fresh)
         except Unauthorized as exc:
             bound.error("result kept in the outbox: the server refused our credentials", error=str(exc))
             raise
@@ -150,17 +143,24 @@ class Reporter:
         entry: OwedResult,
         bound: Any,
         recovered: bool,
-        durable: Callable[[], Awaitable[object]] | None,
+        fresh: _Durability | None,
     ) -> bool:
         backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
-        sends = 0
 
         async def send() -> None:
-            nonlocal sends
-            if sends and durable is not None:
-                await durable()  # never a second send of a result that is not on disk
-            sends += 1
-            await self._api.report(entry.runner_id, entry.command_id, entry.body)
+            if fresh is None:
+                await self._api.report(entry.runner_id, entry.command_id, entry.body)
+                return
+            await fresh.before_send()
+            delivered = False
+            try:
+                await self._api.report(entry.runner_id, entry.command_id, entry.body)
+                delivered = True
+            except AlreadyReported:
+                delivered = True
+                raise
+            finally:
+                fresh.sent(delivered)
 
         def note_retry(exc: ApiError, delay: float) -> None:
             self._stats.report_retries += 1
@@ -195,3 +195,45 @@ class Reporter:
     def _metric_type(self, command_type: str) -> str:
         # The server chooses the type: only known ones become metric labels (bounded cardinality).
         return command_type if command_type in self._known_types else "other"
+
+
+class _Durability:
+    """When a fresh result's journal line is fsynced: only when its first send did not land.
+
+    A result Opik accepted (or answered 409 for) on its first send needs no copy on disk, so
+    the common case costs no fsync and no thread hop. The line is fsynced as soon as the first
+    send fails, or once it has gone :data:`SYNC_GRACE_SECONDS` unanswered, and in either case
+    before any second send. A crashed daemon loses nothing (the page cache outlives it); a
+    power cut loses a result only within that grace of its completion, and only if its first
+    send had not reached Opik either: Opik then times the command out.
+    """
+
+    def __init__(self, outbox: Outbox, mark: int) -> None:
+        self._outbox = outbox
+        self._mark = mark  # the result's line, as Outbox.write_result numbered it
+        self._answered = anyio.Event()
+        self._delivered = False
+        self._settled = anyio.Event()
+        self._sends = 0
+
+    async def run(self) -> None:
+        """Fsync unless the first send delivers the result within the grace (in the reporter's group)."""
+        try:
+            with anyio.move_on_after(SYNC_GRACE_SECONDS):
+                await self._answered.wait()
+            if not self._delivered:
+                with contextlib.suppress(JournalUnavailable):  # kept in memory; sent all the same
+                    await self._outbox.sync(self._mark)
+        finally:
+            self._settled.set()
+
+    async def before_send(self) -> None:
+        """The first send goes at once; any later one only once the line is on disk."""
+        self._sends += 1
+        if self._sends > 1:
+            await self._settled.wait()
+
+    def sent(self, delivered: bool) -> None:
+        if not self._answered.is_set():
+            self._delivered = delivered
+            self._answered.set()

@@ -9,11 +9,10 @@ Four kinds of line, each one JSON object:
   that command for the server to time out. An fsync and a thread hop before every handler
   were a quarter of a command's latency (``runner-daemon bench --rate``);
 - ``result``: the encoded report, written before it is first sent. A bridge result is
-  fsynced while that first send is under way (:meth:`Outbox.write_result` and
-  :meth:`Outbox.sync`): it is on disk before any second send and before its command's slot
-  is freed, so only a power cut during one send, which did not reach the server either,
-  loses it (the README's "Nothing lost" states the guarantee). A job's result, and one owed
-  from before, is fsynced before it is sent (:meth:`Outbox.result`);
+  fsynced only when its first send did not deliver it (:meth:`Outbox.write_result`, then
+  :meth:`Outbox.sync` when the reporter decides), always before a second send: the
+  README's "Nothing lost" states the guarantee. A job's result, and one owed from before,
+  is fsynced before it is sent (:meth:`Outbox.result`);
 - ``done``: the server accepted it, answered 409, or it was dropped for good. Done lines
   are kept for :data:`REMEMBER_SECONDS` (at most :data:`MAX_REMEMBERED` of them), so a
   command id the server delivers again, in this run or after a restart, is answered from
