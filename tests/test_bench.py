@@ -11,9 +11,11 @@ import subprocess
 import sys
 from dataclasses import asdict
 
+import pytest
+
 from runner_daemon import __version__
 from runner_daemon.bench.records import Latency, LoadRun, Memory, Options, Report, RunnerKind
-from runner_daemon.bench.report import format_report
+from runner_daemon.bench.report import evaluate_targets, format_report
 from runner_daemon.cli import build_parser
 
 LOAD_FIELDS = {
@@ -62,7 +64,7 @@ def test_bench_runs_every_command_and_reports_every_figure() -> None:
     assert run["cpu_seconds"] >= 0
     assert run["ready_seconds"] > 0
     targets = {target["name"]: target for target in report["targets"]}
-    assert {"throughput", "latency p99", "RSS growth", "start to READY"} <= targets.keys()
+    assert {"p99 over p50", "RSS growth", "start to READY"} <= targets.keys()
     assert all(target["status"] in ("PASS", "FAIL", "n/a") for target in report["targets"])
 
 
@@ -186,9 +188,7 @@ def test_bench_repeat_json_holds_every_run_and_the_medians() -> None:
     assert set(median["latency_ms"]) == {"p50", "p90", "p99", "max"}
     assert report["medians"]["idle"] == []
     assert report["ratios"] is None and report["ratio_spread"] is None  # no --compare
-    assert {"throughput", "latency p99", "RSS growth", "start to READY"} <= {
-        t["name"] for t in report["targets"]
-    }
+    assert {"p99 over p50", "RSS growth", "start to READY"} <= {t["name"] for t in report["targets"]}
 
 
 def test_bench_repeat_idle_json_holds_every_round() -> None:
@@ -249,3 +249,28 @@ def test_repeat_ratios_are_the_median_of_each_round_and_their_range() -> None:
     assert "| ours / opik #3 " in text
     assert "| ours / opik median " in text and "1.75x" in text
     assert "| ours / opik min-max " in text and "0.50-3.00x" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "judged"),
+    [
+        (["--rate", "100"], {"latency p50 (--rate)", "latency p99 (--rate)", "CPU per command"}),
+        ([], {"throughput (a burst)", "CPU per command"}),
+    ],
+)
+def test_the_ratio_goals_judge_only_what_the_workload_tells(args: list[str], judged: set[str]) -> None:
+    """Pure logic: steady runs judge latency, bursts throughput; each against its goal."""
+    options = Options.from_args(build_parser().parse_args(["bench", "--compare", "opik", *args]))
+    report = Report(options=asdict(options))
+    # Ours: p50 0.75x (within 0.8x), throughput 0.9x (short of 1.0x), CPU 0.5/0.5 = 1.0x (over 0.8x).
+    report.load += [_load_run("runner-daemon", 1, 90.0, 3.0), _load_run("opik", 1, 100.0, 4.0)]
+    verdicts = {target.name: target.status for target in evaluate_targets(report, options)}
+    ratio_targets = {
+        "throughput (a burst)": "FAIL",
+        "latency p50 (--rate)": "PASS",
+        "latency p99 (--rate)": "PASS",
+        "CPU per command": "FAIL",
+        "READY against Opik's": "FAIL",
+    }
+    for name, status in ratio_targets.items():
+        assert verdicts[name] == (status if name in judged or name.startswith("READY") else "n/a"), name
