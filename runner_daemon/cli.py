@@ -659,6 +659,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare", choices=["opik"], help="also run Opik's own bridge loop, same workload")
     bench.add_argument("--opik-python", metavar="PATH", help="a Python that imports opik (default: this one)")
     bench.add_argument(
+        "--daemon-python",
+        metavar="PATH",
+        help="the Python that runs the daemon, e.g. a venv with runner-daemon alone (default: this one)",
+    )
+    bench.add_argument(
         "--opik-client",
         choices=["rest", "sdk"],
         help="Opik()'s, as Opik's runner builds it, which gzips (sdk, the default) or a bare OpikApi (rest)",

@@ -10,6 +10,7 @@ import math
 import subprocess
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -274,3 +275,22 @@ def test_the_ratio_goals_judge_only_what_the_workload_tells(args: list[str], jud
     }
     for name, status in ratio_targets.items():
         assert verdicts[name] == (status if name in judged or name.startswith("READY") else "n/a"), name
+
+
+def test_the_daemon_can_run_from_another_python(tmp_path: Path) -> None:
+    """--daemon-python: the daemon as users install it, the bench from its own venv."""
+    python = tmp_path / "python3"  # another path to this venv's Python
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    done = bench("--daemon-python", str(python), "-n", "10", "--warmup", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    (run,) = json.loads(done.stdout)["load"]
+    assert (run["completed"], run["version"]) == (10, __version__)
+
+
+def test_a_daemon_python_that_cannot_run_it_is_refused_with_a_reason(tmp_path: Path) -> None:
+    missing = tmp_path / "no-python"
+    done = bench("--daemon-python", str(missing), "-n", "5")
+    assert done.returncode != 0
+    assert f"cannot run {missing}" in done.stderr
+    assert "Traceback" not in done.stderr

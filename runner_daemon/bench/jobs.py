@@ -135,7 +135,7 @@ class JobsBench:
             "RUNNER_DAEMON_SHUTDOWN_GRACE_SECONDS": "2",
             "NOTIFY_SOCKET": address,
         }
-        return [sys.executable, "-m", "runner_daemon", "run"], env
+        return [bench.options.daemon_python, "-m", "runner_daemon", "run"], env
 
     async def run(self) -> JobsRun:
         self.agent.write_text(AGENT_SOURCE)

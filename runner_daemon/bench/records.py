@@ -98,6 +98,8 @@ class Options:
     idle: float | None
     compare: str | None
     opik_python: str
+    # The Python that runs the daemon: a venv with runner-daemon alone is what users run.
+    daemon_python: str
     opik_client: str
     timeout: float
     json: bool
@@ -139,8 +141,8 @@ class Options:
             idle=args.idle,
             compare=args.compare,
             opik_python=args.opik_python or sys.executable,
-            # Opik's runner builds its client as the SDK does, and it gzips: over a link the
-            # bytes matter, so that client by default.
+            daemon_python=args.daemon_python or sys.executable,
+            # Opik's runner builds its client as the SDK does (`opik runner`: Opik().rest_client).
             opik_client=args.opik_client or "sdk",
             timeout=args.timeout if args.timeout is not None else 120.0 + count * (0.05 + per_command),
             json=args.json,

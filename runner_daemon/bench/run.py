@@ -135,6 +135,7 @@ class Bench:
         self.runner_url = ""  # the dev server, or with --link the proxy in front of it
         self.link = options.link_spec
         self.opik_version = ""
+        self.daemon_version = __version__
         self.devserver_pid = 0
         self.client = LoadClient("http://127.0.0.1/")  # replaced once the dev server listens
 
@@ -209,6 +210,21 @@ class Bench:
             )
         self.opik_version = done.stdout.decode().strip()
 
+    async def check_daemon(self) -> None:
+        """With --daemon-python: that Python runs runner-daemon, and which version."""
+        python = self.options.daemon_python
+        if python == sys.executable:
+            return
+        argv = [python, "-m", "runner_daemon", "--version"]
+        try:
+            with anyio.fail_after(120):
+                done = await anyio.run_process(argv, check=False, env=clean_environ())
+        except (OSError, TimeoutError) as exc:
+            raise BenchError(f"cannot run {python}: {exc}") from None
+        if done.returncode != 0:
+            raise BenchError(f"runner-daemon is not importable by {python} (--daemon-python)")
+        self.daemon_version = done.stdout.decode().split()[1]
+
     # --- one runner -----------------------------------------------------------------------
 
     def _runner_command(
@@ -230,7 +246,7 @@ class Bench:
                 "RUNNER_DAEMON_SHUTDOWN_GRACE_SECONDS": "2",
                 "NOTIFY_SOCKET": address,
             }
-            return [sys.executable, "-m", "runner_daemon", "run"], env
+            return [self.options.daemon_python, "-m", "runner_daemon", "run"], env
         url = self.runner_url
         argv = [self.options.opik_python, "-I", str(OPIK_DRIVER), url, runner_id, str(self.workspace)]
         env = opik_environ(url, compress=not self.options.opik_plain)
@@ -282,7 +298,7 @@ class Bench:
         return Runner(kind, runner_id, proc, ready, notify)
 
     def _version(self, kind: RunnerKind) -> str:
-        return __version__ if kind == "runner-daemon" else self.opik_version
+        return self.daemon_version if kind == "runner-daemon" else self.opik_version
 
     async def load(self, kind: RunnerKind, round_number: int) -> LoadRun:
         """One run of ``kind``: a fresh runner process, the warm-up, then the measured load."""
@@ -428,6 +444,7 @@ class Bench:
         report.devserver_url = self.url
         if self.link:
             await self.start_link(self.link)
+        await self.check_daemon()
         kinds: list[RunnerKind] = ["runner-daemon"]
         if options.compare == "opik":
             await self.check_opik()
@@ -452,6 +469,7 @@ class Bench:
         heartbeat = jobs_heartbeat(self.options)
         await self.start_devserver(heartbeat_ttl=max(15.0, 3 * heartbeat))
         report.devserver_url = self.url
+        await self.check_daemon()
         self.client = LoadClient(self.url)
         try:
             report.jobs = await JobsBench(self, heartbeat).run()
