@@ -126,8 +126,10 @@ def evaluate_targets(report: Report, options: Options) -> list[Target]:
     idle, their_idle = report.idle_median("runner-daemon"), report.idle_median("opik")
     if idle is not None and their_idle is not None:
         vs = f"{idle.cpu_seconds:.3f} vs {their_idle.cpu_seconds:.3f} s"
-        against_opik("idle CPU", "idle_cpu", vs, True)
-        against_opik("idle RSS", "idle_rss", f"{idle.rss_mb:.1f} vs {their_idle.rss_mb:.1f} MB", True)
+        against_opik("idle CPU against Opik's", "idle_cpu", vs, True)
+        against_opik(
+            "idle RSS against Opik's", "idle_rss", f"{idle.rss_mb:.1f} vs {their_idle.rss_mb:.1f} MB", True
+        )
         vs = f"{idle.ready_seconds:.3f} vs {their_idle.ready_seconds:.3f} s"
         against_opik("READY against Opik's", "ready", vs, True)
     if idle is not None:
