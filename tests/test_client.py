@@ -137,6 +137,10 @@ def test_readable_means_the_peer_closed_or_sent() -> None:
     ours, theirs = socket.socketpair()
     with ours, theirs:
         assert not _readable(ours)
+        theirs.send(b"x")
+        assert _readable(ours)
+        ours.recv(1)
+        assert not _readable(ours)
         theirs.close()
         assert _readable(ours)
     assert _readable(ours)  # closed here: fileno -1

@@ -21,12 +21,13 @@ import pytest
 from anyio.streams.tls import TLSListener
 
 from runner_daemon.core import transport as transport_module
-from runner_daemon.core.errors import TransportError
+from runner_daemon.core.errors import TransportError, UnreadableAnswer
 from runner_daemon.core.transport import Answer, Transport
 from runner_daemon.core.wire import Head, Pool, _readable
-from tests.support import until
+from tests.support import EVERY_LOOP, until
 
-pytestmark = pytest.mark.anyio
+# Every loop the daemon may run on: uvloop too, its default where installed.
+pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", EVERY_LOOP)]
 
 LIMIT = 1 << 20
 
@@ -68,13 +69,16 @@ class Backend:
     respond: Respond
     seen: list[Seen] = field(default_factory=list)
     accepted: int = 0
+    answered: int = 0  # replies sent in full
     ended: set[int] = field(default_factory=set)  # connections the client closed
     streams: dict[int, anyio.abc.ByteStream] = field(default_factory=dict)
+    ports: dict[int, int] = field(default_factory=dict)  # the client's port of each connection
 
     async def serve(self, stream: anyio.abc.ByteStream) -> None:
         number = self.accepted
         self.accepted += 1
         self.streams[number] = stream
+        self.ports[number] = stream.extra(anyio.abc.SocketAttribute.remote_port)
         try:
             async with stream:
                 await self._requests(number, stream)
@@ -116,6 +120,7 @@ class Backend:
                 if position:
                     await anyio.sleep(0.001)
                 await stream.send(chunk)
+            self.answered += 1
             if action.close:
                 return
 
@@ -165,9 +170,9 @@ async def test_a_connection_is_reused_newest_first_and_only_after_a_clean_exchan
             tasks.start_soon(get, client)
             tasks.start_soon(get, client)
         assert client._pool.idle_connections == 2
-        newest = backend.seen[-1].connection
+        newest = client._pool._idle[-1].socket.getsockname()[1]
         await get(client)
-        assert backend.seen[-1].connection == newest
+        assert backend.ports[backend.seen[-1].connection] == newest
         await client.aclose()
         await until(lambda: backend.ended == {0, 1})  # aclose closed both
 
@@ -185,11 +190,35 @@ async def test_connection_close_is_honoured() -> None:
         await client.aclose()
 
 
+async def test_an_answer_read_only_in_part_closes_its_connection() -> None:
+    """An error answer is cut short at 64 KiB, a 2xx over its limit refused: neither
+    connection may carry another request (the rest of the body is still on its way)."""
+    big = b'{"errors": ["' + b"x" * (1024 * 1024) + b'"]}'
+
+    async def respond(seen: Seen) -> Action:
+        if seen.target.endswith("/error"):
+            return Reply([f"HTTP/1.1 503 Busy\r\nContent-Length: {len(big)}\r\n\r\n".encode(), big])
+        return ok(big if seen.target.endswith("/large") else b"{}")
+
+    async with serving(respond) as (backend, url):
+        client = transport(url)
+        answer = await get(client, "error")
+        assert answer.status == 503 and len(answer.body) <= 64 * 1024
+        assert client._pool.idle_connections == 0
+        with pytest.raises(UnreadableAnswer):
+            await client.send("GET", "large", limit=1000)
+        assert client._pool.idle_connections == 0
+        assert (await get(client, "small")).status == 200
+        assert [s.connection for s in backend.seen] == [0, 1, 2]
+        await client.aclose()
+
+
 @pytest.mark.parametrize("spoil", ["close", "garbage"])
 async def test_an_idle_connection_the_server_closed_or_wrote_on_is_not_reused(spoil: str) -> None:
     async with serving(answer_ok) as (backend, url):
         client = transport(url)
         await get(client)
+        await until(lambda: backend.answered == 1)  # the server's task is done writing
         stream = backend.streams[0]
         if spoil == "close":
             await stream.aclose()
@@ -225,14 +254,6 @@ async def test_an_idle_connection_expires() -> None:
         await until(lambda: 0 in backend.ended)  # the expired one was closed, not left open
         assert [h.status for h in heads] == [200, 200]
         await pool.aclose()
-
-
-def test_readable_means_the_peer_closed_or_sent() -> None:
-    ours, theirs = socket.socketpair()
-    with ours, theirs:
-        assert not _readable(ours)
-        theirs.send(b"x")
-        assert _readable(ours)
 
 
 # --- slots under cancellation ----------------------------------------------------------------
