@@ -25,7 +25,8 @@ from runner_daemon.core.errors import (
     Unauthorized,
 )
 from runner_daemon.core.models import ResultReport
-from runner_daemon.core.transport import Answer, _readable, _Stream, tls_context
+from runner_daemon.core.transport import Answer, tls_context
+from runner_daemon.core.wire import _readable
 from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer
 
@@ -132,23 +133,13 @@ def test_tls_context_verifies_https_and_trusts_nothing_for_plain_http() -> None:
     assert context.cert_store_stats()["x509_ca"] == 0
 
 
-async def test_pooled_connections_use_the_stream_with_a_cheap_readability_check(devserver: DevServer) -> None:
-    """The pool in use is the client's own (see transport._Stream), should httpx's internals move."""
-    async with DevClient(devserver.url) as client:
-        runner_id = await client.dev_create_runner("pool")
-        await client.get_runner(runner_id)
-        pool = client._transport._pool._pool
-        (connection,) = pool.connections
-        stream = connection._connection._network_stream  # type: ignore[attr-defined]
-        assert isinstance(stream, _Stream)
-        assert stream.get_extra_info("is_readable") is False  # idle and open
-        assert (await client.get_runner(runner_id)).id == runner_id
-        assert pool.connections == [connection]  # kept alive and reused
-
-
 def test_readable_means_the_peer_closed_or_sent() -> None:
     ours, theirs = socket.socketpair()
     with ours, theirs:
+        assert not _readable(ours)
+        theirs.send(b"x")
+        assert _readable(ours)
+        ours.recv(1)
         assert not _readable(ours)
         theirs.close()
         assert _readable(ours)

@@ -1,33 +1,35 @@
-"""The wire under the runner API: the only module that imports httpx (and httpcore).
+"""The wire under the runner API: the only module that imports httpx.
 
 It sends a request and hands back an :class:`Answer`, our own small immutable record read
-whole, so no httpx type leaves this module; what a status code means is the API's business
-(:mod:`runner_daemon.core.api`). Network failures and timeouts become :class:`TransportError`.
-Each request carries a wall-clock deadline on top of httpx's per-phase timeouts, because a
-read timeout alone does not bound a server that trickles bytes. Each answer's body is bounded
-too, raw and decoded (:class:`_BoundedBody`), so no answer can grow the daemon's memory past
-a few payloads; a larger 2xx is a retryable :class:`UnreadableAnswer`. A request body of
+whole; what a status code means is the API's business (:mod:`runner_daemon.core.api`).
+Requests go through a connection pool of our own (:mod:`runner_daemon.core.wire`: HTTP/1.1
+framed by h11), which costs a fraction of httpx's CPU per request; httpx is left with the
+URL rules (parsing the base URL, quoting an unusual path and its query), the TLS context and
+:func:`probe`. Network failures and timeouts become :class:`TransportError`. Each request
+carries a wall-clock deadline on top of its per-phase timeouts, because a read timeout alone
+does not bound a server that trickles bytes. Each answer's body is bounded too, raw and
+decoded (:class:`_BoundedBody`), so no answer can grow the daemon's memory past a few
+payloads; a larger 2xx is a retryable :class:`UnreadableAnswer`. A request body of
 :data:`GZIP_MIN_BYTES` or more is sent gzipped, as Opik's own client sends it.
 """
 
 from __future__ import annotations
 
-import select
-import socket
+import re
 import ssl
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import httpcore
 import httpx
 
 from runner_daemon.core.errors import TransportError, UnreadableAnswer
 from runner_daemon.core.logs import Scrubber
+from runner_daemon.core.wire import Head, Pool, WireError
 
-# Slack on top of httpx's own timeouts before the wall-clock guard fires.
+# Slack on top of the per-phase timeouts before the wall-clock guard fires.
 DEADLINE_SLACK_SECONDS = 5.0
 # An error answer is read only for a short message: the rest is dropped unread.
 MAX_ERROR_BODY_BYTES = 64 * 1024
@@ -39,6 +41,11 @@ GZIP_LEVEL = 6
 # zlib at level 6 takes about 0.2 ms per 4 KiB here, 1.7 ms per 32 KiB, 35-40 ms per 512 KiB,
 # and a hop to a worker thread about 0.2 ms: from 32 KiB on, the event loop is not held for it.
 GZIP_IN_THREAD_BYTES = 32 * 1024
+DEFAULT_PORTS = {"http": 80, "https": 443}
+# httpx sends "Content-Length: 0" for these when they have no body; so do we.
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# Paths of these characters need no quoting and have no dot segments: sent as they are.
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9_~/-]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,90 +152,22 @@ def tls_context(base_url: str) -> ssl.SSLContext:
     return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
-def _readable(sock: socket.socket) -> bool:
-    """Whether an idle connection's socket has something to read: the server closed it."""
-    if sock.fileno() < 0:
-        return True
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
+class _Reading:
+    """Where an answer's body goes once its status is known: a 2xx's is bounded by the
+    caller's limit, an error answer's by :data:`MAX_ERROR_BODY_BYTES`."""
 
+    __slots__ = ("body", "head", "limit")
 
-class _Stream(httpcore.AsyncNetworkStream):
-    """A pooled connection whose raw socket is looked up once.
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.head: Head | None = None
+        self.body: _BoundedBody | None = None
 
-    On every request httpcore asks each idle connection in the pool whether its socket is
-    readable; anyio answers by rebuilding all the socket's attributes (a ``getpeername``
-    call included) each time. Profiles of the daemon under load put that at about 15 % of
-    the event loop's time with a pool of 12.
-    """
-
-    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
-        self._inner = inner
-        self._socket: socket.socket | None = inner.get_extra_info("socket")
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return await self._inner.read(max_bytes, timeout)
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        await self._inner.write(buffer, timeout)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    async def start_tls(
-        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
-    ) -> httpcore.AsyncNetworkStream:
-        return _Stream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
-
-    def get_extra_info(self, info: str) -> Any:
-        if info == "is_readable" and self._socket is not None:
-            return _readable(self._socket)
-        return self._inner.get_extra_info(info)
-
-
-class _Backend(httpcore.AsyncNetworkBackend):
-    def __init__(self) -> None:
-        self._inner = httpcore.AnyIOBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        return _Stream(await self._inner.connect_tcp(host, port, timeout, local_address, socket_options))
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        return _Stream(await self._inner.connect_unix_socket(path, timeout, socket_options))
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
-
-
-class _Transport(httpx.AsyncHTTPTransport):
-    """httpx's transport over a pool whose connections use :class:`_Stream`.
-
-    ``AsyncHTTPTransport.__init__`` only builds ``_pool`` (from arguments it cannot pass a
-    network backend with), so it is not called; ``tests/test_client.py`` checks the pool in
-    use is this one, should a later httpx change that.
-    """
-
-    def __init__(self, ssl_context: ssl.SSLContext, limits: httpx.Limits) -> None:
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context,
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=_Backend(),
-        )
+    def start(self, head: Head) -> Callable[[bytes], None]:
+        self.head = head
+        limit = self.limit if 200 <= head.status < 300 else MAX_ERROR_BODY_BYTES
+        self.body = _BoundedBody(head.get(b"content-encoding"), limit)
+        return self.body.feed
 
 
 class Transport:
@@ -250,31 +189,44 @@ class Transport:
         connect_timeout: float,
         max_connections: int,
     ) -> None:
-        sent = {**headers, "Accept-Encoding": "gzip, deflate"}  # what _BoundedBody decodes
+        url = httpx.URL(base_url)
+        if url.scheme not in DEFAULT_PORTS:
+            raise ValueError(f"not an http:// or https:// URL: {url.scheme}://...")
         self._scrub = Scrubber(secrets)
-        self._keep_headers = tuple(keep_headers)
+        self._keep_headers = tuple((name, name.lower().encode("ascii")) for name in keep_headers)
         self._request_timeout = request_timeout
-        self._timeout = httpx.Timeout(request_timeout, connect=connect_timeout)
-        # The pool is bounded so a leak or a storm shows up as a pool timeout, not a hang.
-        limits = httpx.Limits(
+        tls = None
+        if url.scheme == "https":
+            tls = tls_context(base_url)
+            tls.set_alpn_protocols(["http/1.1"])
+        # Requests go to a pool of our own (see wire.py for why), not through httpx: the
+        # parts of each request are made once here.
+        self._pool = Pool(
+            url.raw_host.decode("ascii"),
+            url.port or DEFAULT_PORTS[url.scheme],
+            tls,
             max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=30.0,
+            connect_timeout=connect_timeout,
         )
-        # Requests go to the transport, not through httpx.AsyncClient: its layer (URL and
-        # header merging, a cookie jar, auth and redirect flows, none of which this API uses)
-        # cost 13-17 % of each request's CPU (1.21 → 1.05 ms measured). Requests are built
-        # from parts made once here.
-        self._pool = _Transport(tls_context(base_url), limits)
-        self._base = str(httpx.URL(base_url))
+        self._base = str(url)
         if not self._base.endswith("/"):
             self._base += "/"
-        self._headers = httpx.Headers(sent)
-        self._json_headers = httpx.Headers({**sent, "Content-Type": "application/json"})
-        self._gzip_headers = httpx.Headers(
-            {**sent, "Content-Type": "application/json", "Content-Encoding": "gzip"}
-        )
-        self._timeout_extension = {"timeout": self._timeout.as_dict()}
+        base = httpx.URL(self._base)
+        # A path of these characters is taken as it is; any other goes through httpx.URL,
+        # which quotes it and resolves dot segments as before.
+        self._plain = not base.query and not base.fragment
+        self._base_target = base.raw_path
+        self._base_path = base.path
+        self._origin = f"{base.scheme}://{base.netloc.decode()}"
+        sent = [
+            (b"Host", base.netloc),
+            *((name.encode("ascii"), value.encode("ascii")) for name, value in headers.items()),
+            (b"Accept-Encoding", b"gzip, deflate"),  # what _BoundedBody decodes
+        ]
+        self._headers = sent
+        self._empty_body_headers = [*sent, (b"Content-Length", b"0")]  # as httpx sends
+        self._json_headers = [*sent, (b"Content-Type", b"application/json")]
+        self._gzip_headers = [*self._json_headers, (b"Content-Encoding", b"gzip")]
 
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
@@ -298,73 +250,65 @@ class Transport:
         :class:`UnreadableAnswer` (retryable), read no further than the limit.
         """
         if budget is None:
-            budget, extensions = self._request_timeout, self._timeout_extension
-        else:
-            extensions = {"timeout": httpx.Timeout(budget, connect=self._timeout.connect).as_dict()}
+            budget = self._request_timeout
         deadline = budget + DEADLINE_SLACK_SECONDS
-        headers = self._headers
-        if content is not None:
-            headers = self._json_headers
+        if content is None:
+            headers = self._empty_body_headers if method in BODY_METHODS else self._headers
+        else:
+            fixed = self._json_headers
             if len(content) >= GZIP_MIN_BYTES:
-                content, headers = await _gzipped(content), self._gzip_headers
-        request = httpx.Request(
-            method,
-            self._base + path,
-            params=params,
-            headers=headers,
-            content=content,
-            extensions=extensions,
-        )
+                content, fixed = await _gzipped(content), self._gzip_headers
+            headers = [*fixed, (b"Content-Length", b"%d" % len(content))]
+        if params is None and self._plain and _PLAIN_PATH.fullmatch(path):
+            target, url_path = self._base_target + path.encode("ascii"), self._base_path + path
+        else:
+            url = httpx.URL(self._base + path, params=params)
+            target, url_path = url.raw_path, url.path
+        reading = _Reading(limit)
         try:
-            with anyio.fail_after(deadline):
-                response = await self._pool.handle_async_request(request)
-                try:
-                    body = await self._read(response, limit, f"{method} {path}")
-                finally:
-                    await response.aclose()
+            await self._pool.request(
+                method.encode("ascii"),
+                target,
+                headers,
+                content,
+                timeout=budget,
+                deadline=deadline,
+                on_head=reading.start,
+            )
         except TimeoutError:
             raise TransportError(
                 f"{method} {self._base}{path}: no complete answer within {deadline:.0f}s"
             ) from None
-        except httpx.HTTPError as exc:
-            text = self._scrub(f"{type(exc).__name__}: {exc}")
-            raise TransportError(f"{method} {self._base}{path}: {text}") from None
-        url = request.url
-        found = response.headers
-        kept = {name: value for name in self._keep_headers if (value := found.get(name)) is not None}
+        except WireError as exc:
+            raise TransportError(f"{method} {self._base}{path}: {self._scrub(str(exc))}") from None
+        except (_AnswerTooLarge, zlib.error) as exc:
+            # Raised by the body's sink, so the head is known. An error answer is only cut
+            # short: its first words are all that is shown.
+            status = reading.head.status if reading.head is not None else 0
+            if 200 <= status < 300:
+                if isinstance(exc, zlib.error):
+                    raise UnreadableAnswer(
+                        f"{method} {path}: answer body does not decode", status=status
+                    ) from None
+                raise UnreadableAnswer(
+                    f"{method} {path}: answer larger than {limit} bytes; refused", status=status
+                ) from None
+        head, body = reading.head, reading.body
+        assert head is not None and body is not None  # both set before any byte of a body
+        kept = {name: value for name, key in self._keep_headers if (value := head.get(key)) is not None}
+        content = body.content()
+        if not 200 <= head.status < 300:
+            # Cleared of our key: a proxy may echo request headers.
+            content = self._scrub(content.decode("utf-8", "replace")).encode()
         return Answer(
             method=method,
-            url=f"{url.scheme}://{url.netloc.decode()}{url.path}",
-            path=url.path,
-            status=response.status_code,
-            reason=response.reason_phrase,
+            url=self._origin + url_path,
+            path=url_path,
+            status=head.status,
+            reason=head.reason,
             headers=kept,
-            body=body,
+            body=content,
         )
-
-    async def _read(self, response: httpx.Response, limit: int, what: str) -> bytes:
-        """The body, bounded. An error answer's is cut short (and cleared of our key: a proxy
-        may echo request headers), since only its first words are shown."""
-        success = 200 <= response.status_code < 300
-        body = _BoundedBody(
-            response.headers.get("Content-Encoding"), limit if success else MAX_ERROR_BODY_BYTES
-        )
-        try:
-            async for chunk in response.aiter_raw():
-                body.feed(chunk)
-        except _AnswerTooLarge:
-            if success:
-                raise UnreadableAnswer(
-                    f"{what}: answer larger than {limit} bytes; refused", status=response.status_code
-                ) from None
-        except zlib.error:
-            if success:
-                raise UnreadableAnswer(
-                    f"{what}: answer body does not decode", status=response.status_code
-                ) from None
-        if success:
-            return body.content()
-        return self._scrub(body.content().decode("utf-8", "replace")).encode()
 
 
 async def probe(url: str, timeout: float = 3.0) -> int | None:
