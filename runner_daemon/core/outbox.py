@@ -4,9 +4,10 @@ Four kinds of line, each one JSON object:
 
 - ``started``: a command was claimed; written before its handler runs, so a crash
   mid-command is known afterwards and reported ``interrupted`` instead of re-run. It is
-  written at once but fsynced with the next durable line: a daemon that dies keeps it (the
-  page cache outlives the process), and only a power cut in that moment loses it, leaving
-  that command for the server to time out. An fsync and a thread hop before every handler
+  written at once but fsynced only with the next durable line (or written back by the
+  kernel): a daemon that dies keeps it (the page cache outlives the process), and only a
+  power cut before it reached the disk loses it, leaving that command for the server to
+  time out. An fsync and a thread hop before every handler
   were a quarter of a command's latency (``runner-daemon bench --rate``);
 - ``result``: the encoded report, written before it is first sent. A bridge result is
   fsynced only when its first send did not deliver it (:meth:`Outbox.write_result`, then
