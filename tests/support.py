@@ -341,3 +341,14 @@ def git(root: Path, *args: str) -> None:
         check=True,
         capture_output=True,
     )
+
+
+def bench(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """``runner-daemon bench ARGS`` as a process of its own, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "runner_daemon", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

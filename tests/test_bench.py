@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -18,6 +17,7 @@ from runner_daemon import __version__
 from runner_daemon.bench.records import Latency, LoadRun, Memory, Options, Report, RunnerKind
 from runner_daemon.bench.report import evaluate_targets, format_report
 from runner_daemon.cli import build_parser
+from tests.support import bench
 
 LOAD_FIELDS = {
     "runner",
@@ -40,13 +40,7 @@ LOAD_FIELDS = {
 
 
 def test_bench_runs_every_command_and_reports_every_figure() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "runner_daemon", "bench", "-n", "50", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    done = bench("-n", "50", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["options"]["count"] == 50
@@ -86,16 +80,6 @@ JOBS_FIELDS = {
     "ready_seconds",
     "exit_status",
 }
-
-
-def bench(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "runner_daemon", "bench", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def test_bench_jobs_reports_start_and_cancel_latency() -> None:

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 import zlib
 from typing import Any
 
@@ -26,7 +25,7 @@ from runner_daemon.bench.link import MAX_CHUNKS, MTU, DelayProxy
 from runner_daemon.bench.records import LINK_SIZE, BenchError, Link, Options
 from runner_daemon.bench.run import READ_FILE_LINES, source_text
 from runner_daemon.cli import build_parser, main
-from tests.support import REPO
+from tests.support import REPO, bench
 
 pytestmark = pytest.mark.anyio
 
@@ -351,13 +350,7 @@ def test_bench_link_runs_every_command_over_the_link() -> None:
     gzipped, and each latency holds at least a round trip of the link's delay."""
     delay = 0.01
     link_args = ["--link", f"20mbit/{delay * 1000:g}ms", "-n", "3", "--size", "50000", "--json"]
-    done = subprocess.run(
-        [sys.executable, "-m", "runner_daemon", "bench", *link_args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    done = bench(*link_args)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["options"]["link"] == "20mbit/10ms"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -42,18 +42,23 @@ async def _picked_up(api: DevClient, runner_id: str) -> str:
     return command_id
 
 
-@pytest.fixture
-def held_fsync(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
-    """The journal's fsyncs wait until the event is set (other files' fsyncs go on)."""
-    release = threading.Event()
+def _before_journal_fsyncs(monkeypatch: pytest.MonkeyPatch, before: Callable[[], object]) -> None:
+    """``before()`` runs ahead of each fsync of the journal (other files' fsyncs go on)."""
     real_fsync = os.fsync
 
     def fsync(fd: int) -> None:
         if os.readlink(f"/proc/self/fd/{fd}").endswith(JOURNAL_FILE):
-            release.wait(30)
+            before()
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.fixture
+def held_fsync(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """The journal's fsyncs wait until the event is set."""
+    release = threading.Event()
+    _before_journal_fsyncs(monkeypatch, lambda: release.wait(30))
     yield release
     release.set()
 
@@ -183,15 +188,8 @@ async def test_a_result_delivered_by_its_first_send_is_never_fsynced(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     command_id = await _picked_up(api, runner_id)
-    journal_fsyncs: list[int] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(JOURNAL_FILE):
-            journal_fsyncs.append(fd)
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    journal_fsyncs: list[None] = []
+    _before_journal_fsyncs(monkeypatch, lambda: journal_fsyncs.append(None))
     reporter = _reporter(make_settings(devserver.url, runner_id, workspace), api, LoopStats(), outbox)
     assert await reporter.report(command_id, "ReadFile", DONE) is True
     assert await command_status_is(api, runner_id, command_id, "completed")
@@ -209,15 +207,11 @@ async def test_a_first_send_left_unanswered_gets_its_result_fsynced_meanwhile(
 ) -> None:
     command_id = await _picked_up(api, runner_id)
     synced_while_unanswered: list[bool] = []
-    real_fsync = os.fsync
 
-    def fsync(fd: int) -> None:
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(JOURNAL_FILE):
-            status = devserver.state.command(runner_id, command_id).status
-            synced_while_unanswered.append(status == "picked_up")
-        real_fsync(fd)
+    def note() -> None:
+        synced_while_unanswered.append(devserver.state.command(runner_id, command_id).status == "picked_up")
 
-    monkeypatch.setattr(os, "fsync", fsync)
+    _before_journal_fsyncs(monkeypatch, note)
     # The server holds each report far longer than the grace before it answers.
     await api.dev_post("faults/profile", {"routes": ["report"], "latency_ms": 20 * SYNC_GRACE_SECONDS * 1000})
     reporter = _reporter(make_settings(devserver.url, runner_id, workspace), api, LoopStats(), outbox)
