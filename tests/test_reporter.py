@@ -213,7 +213,7 @@ async def test_a_first_send_left_unanswered_gets_its_result_fsynced_meanwhile(
 
     _before_journal_fsyncs(monkeypatch, note)
     # The server holds each report far longer than the grace before it answers.
-    await api.dev_post("faults/profile", {"routes": ["report"], "latency_ms": 20 * SYNC_GRACE_SECONDS * 1000})
+    await api.dev_post("faults/profile", {"routes": ["report"], "latency_ms": 60 * SYNC_GRACE_SECONDS * 1000})
     reporter = _reporter(make_settings(devserver.url, runner_id, workspace), api, LoopStats(), outbox)
     assert await reporter.report(command_id, "ReadFile", DONE) is True
     assert synced_while_unanswered[:1] == [True]

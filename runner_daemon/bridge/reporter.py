@@ -148,10 +148,8 @@ class Reporter:
         backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
 
         async def send() -> None:
-            if fresh is None:
-                await self._api.report(entry.runner_id, entry.command_id, entry.body)
-                return
-            await fresh.before_send()
+            if fresh is not None:
+                await fresh.before_send()
             delivered = False
             try:
                 await self._api.report(entry.runner_id, entry.command_id, entry.body)
@@ -160,7 +158,8 @@ class Reporter:
                 delivered = True
                 raise
             finally:
-                fresh.sent(delivered)
+                if fresh is not None:
+                    fresh.sent(delivered)
 
         def note_retry(exc: ApiError, delay: float) -> None:
             self._stats.report_retries += 1
@@ -214,7 +213,6 @@ class _Durability:
         self._answered = anyio.Event()
         self._delivered = False
         self._settled = anyio.Event()
-        self._sends = 0
 
     async def run(self) -> None:
         """Fsync unless the first send delivers the result within the grace (in the reporter's group)."""
@@ -228,9 +226,9 @@ class _Durability:
             self._settled.set()
 
     async def before_send(self) -> None:
-        """The first send goes at once; any later one only once the line is on disk."""
-        self._sends += 1
-        if self._sends > 1:
+        """The first send goes at once; any later one (the first was answered) only once the
+        line is on disk."""
+        if self._answered.is_set():
             await self._settled.wait()
 
     def sent(self, delivered: bool) -> None:

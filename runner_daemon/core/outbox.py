@@ -377,7 +377,7 @@ class Outbox:
         """
         async with self._lock:
             if self._synced >= mark:
-                return
+                return  # another task's flush wrote (and synced) it already
             await self._flush()
             if self._size > self._compact_at:
                 await self._compact()
@@ -447,12 +447,7 @@ class Outbox:
         mine = self._appended
         if not durable and len(self._buffer) < 64:
             return  # rides along with the next durable append
-        async with self._lock:
-            if self._synced >= mine:
-                return  # another task's flush wrote (and synced) this line already
-            await self._flush()
-            if self._size > self._compact_at:
-                await self._compact()
+        await self.sync(mine)
 
     async def _flush(self) -> None:
         """Write and fsync the buffer; on failure its unwritten lines stay buffered. Under the lock."""
