@@ -9,6 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from runner_daemon.bridge import loop as bridge_loop
 from runner_daemon.bridge.handlers.base import HandlerServices
 from runner_daemon.bridge.loop import BridgeLoop
 from runner_daemon.bridge.stats import LoopStats
@@ -173,6 +174,40 @@ async def test_retries_429_and_5xx_until_stored_exactly_once(
     assert elapsed >= 0.3  # the 429's Retry-After was honoured
     stats = await api.dev_get(f"runners/{runner_id}/stats")
     assert (stats["reports_accepted"], stats["reports_conflict"]) == (1, 0)
+
+
+async def test_the_next_poll_waits_for_the_reports_of_the_last_polls_commands(
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poll sent while the commands it just returned run goes ahead of their reports, in
+    the daemon and in the server. The wait is capped (30 ms); lifted here, so that the
+    order does not depend on this machine's speed."""
+    monkeypatch.setattr(bridge_loop, "POLL_GATHER_SECONDS", 30.0)
+    async with running_daemon(make_settings(devserver.url, runner_id, workspace)):
+        for _ in range(5):
+            command_id = await api.submit_command(runner_id, "ReadFile", {"path": "README.md"})
+            assert (await wait_terminal(api, runner_id, command_id)).status == "completed"
+        stats = await api.dev_get(f"runners/{runner_id}/stats")
+    arrivals = [(kind, detail) for kind, detail in stats["arrivals"] if kind != "answered" or detail]
+    # What came right after each answer that carried a command: its report, never a poll.
+    answered = [index for index, (kind, _) in enumerate(arrivals) if kind == "answered"]
+    assert len(answered) == 5
+    for index in answered:
+        (command_id,) = arrivals[index][1]
+        assert arrivals[index + 1] == ("report", command_id)
+
+
+async def test_a_command_still_running_does_not_hold_up_the_next_poll(
+    devserver: DevServer, api: DevClient, runner_id: str, workspace: Path
+) -> None:
+    settings = make_settings(devserver.url, runner_id, workspace, shutdown_grace_seconds=0.1)
+    async with running_daemon(settings) as running:
+        slow = await api.submit_command(runner_id, "Slow", {"seconds": 30, "marker": "slow.txt"})
+        await until(lambda: running.daemon.loop.in_flight > 0, 5)
+        quick = await api.submit_command(runner_id, "ReadFile", {"path": "README.md"})
+        record = await wait_terminal(api, runner_id, quick)
+        assert record.status == "completed"
+        assert (await api.get_command(runner_id, slow)).status == "picked_up"
 
 
 async def test_polling_really_resumes_after_an_outage(

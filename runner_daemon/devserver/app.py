@@ -184,6 +184,7 @@ def build_app(state: DevState) -> Starlette:
             asked = config.default_max_commands
         asked = min(asked, config.max_max_commands)
         runner.counters.polls += 1
+        runner.counters.arrived("poll")
         runner.counters.max_commands_asked.append(asked)
         del runner.counters.max_commands_asked[:-1000]
         if runner.malformed and runner.malformed[0] in ANSWER_KINDS:
@@ -212,6 +213,7 @@ def build_app(state: DevState) -> Starlette:
             runner.counters.polls_open -= 1
         state.runner(runner_id)  # disconnected while we held the request: 404
         items = [c.as_item() for c in taken]
+        runner.counters.arrived("answered", [c.id for c in taken])
         if items and runner.malformed:  # spoiled as it is sent, so a poll held meanwhile counts too
             return _malformed(runner.malformed.popleft(), items)
         return JSONResponse({"commands": items})
@@ -219,8 +221,10 @@ def build_app(state: DevState) -> Starlette:
     async def report(request: Request) -> Response:
         body = await _json_body(request)
         runner_id = owned(request)
+        counters = state.runner(runner_id).counters
+        counters.arrived("report", request.path_params["command_id"])
         if _gzipped(request):
-            state.runner(runner_id).counters.reports_gzipped += 1
+            counters.reports_gzipped += 1
         state.report(runner_id, request.path_params["command_id"], body)
         return Response(status_code=204)
 

@@ -99,9 +99,16 @@ class RunnerCounters:
     reports_not_found: int = 0
     reports_rejected: int = 0
     reports_gzipped: int = 0  # of those that arrived, how many with Content-Encoding: gzip
+    # The last requests in the order they arrived: ["poll", null], ["answered", [ids]] when a
+    # poll answers, ["report", id]; a test sees whether a poll went ahead of a report.
+    arrivals: list[tuple[str, Any]] = field(default_factory=list)
+
+    def arrived(self, kind: str, detail: Any = None) -> None:
+        self.arrivals.append((kind, detail))
+        del self.arrivals[:-1000]
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return dict(self.__dict__, arrivals=[list(arrival) for arrival in self.arrivals])
 
 
 @dataclass
