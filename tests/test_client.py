@@ -7,6 +7,8 @@ import json
 import random
 import socket
 import ssl
+import subprocess
+import sys
 
 import anyio
 import anyio.abc
@@ -25,7 +27,7 @@ from runner_daemon.core.errors import (
     Unauthorized,
 )
 from runner_daemon.core.models import ResultReport
-from runner_daemon.core.transport import Answer, tls_context
+from runner_daemon.core.transport import Answer, _Base, tls_context
 from runner_daemon.core.wire import _readable
 from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer
@@ -120,6 +122,59 @@ async def test_cancelling_requests_under_a_contended_pool_leaks_no_slot(
                     tg.start_soon(_wait_for, client, runner_id, command_id, 1)
             for _ in range(20):
                 await client.get_runner(runner_id)
+
+
+COMMON_BASES = [
+    "http://localhost:5173/api/",
+    "http://127.0.0.1:5173/api",
+    "https://www.comet.com/opik/api/",
+    "HTTP://Opik.Example.COM:443/Opik/Api",
+    "https://opik.internal:443/",
+    "http://h:80",
+    "http://h:0080/x",
+    "http://h:/api/",
+    "http://h//api",
+    "http://h-1.example.com:8080/a_b/c~d/",
+]
+UNUSUAL_BASES = [
+    "http://[::1]:8080/api/",
+    "http://h/a b/",
+    "http://u:p@h/api/",
+    "http://h/api?x=1",
+    "http://h/api#x",
+    "http://bücher.de/api/",
+    "http://h:65536/",
+    "http://h./api/",
+    "http://h/./api/",
+    "http://h/%7Eapi/",
+    "http://-h/",
+    "http://h:+80/x",
+]
+
+
+@pytest.mark.parametrize("base_url", COMMON_BASES + UNUSUAL_BASES)
+def test_a_base_url_read_without_httpx_reads_as_httpx_reads_it(base_url: str) -> None:
+    plain = _Base.parse_plain(base_url)
+    assert (plain is not None) == (base_url in COMMON_BASES)
+    if plain is not None:
+        assert plain == _Base.parse_with_httpx(base_url)
+
+
+def test_the_daemon_imports_httpx_only_for_a_url_that_needs_it() -> None:
+    """Importing httpx is about an eighth of the daemon's start-up."""
+    script = (
+        "import sys\n"
+        "import runner_daemon.cli, runner_daemon.service.daemon\n"
+        "from runner_daemon.core.transport import Transport\n"
+        "kw = dict(headers={}, request_timeout=1, connect_timeout=1, max_connections=1)\n"
+        "Transport('http://127.0.0.1:5173/api/', **kw)\n"
+        "print('httpx' in sys.modules)\n"
+        "Transport('http://[::1]:5173/api/', **kw)\n"
+        "print('httpx' in sys.modules)\n"
+    )
+    argv = [sys.executable, "-c", script]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split() == ["False", "True"]
 
 
 def test_tls_context_verifies_https_and_trusts_nothing_for_plain_http() -> None:

@@ -4,12 +4,13 @@ It sends a request and hands back an :class:`Answer`, our own small immutable re
 whole; what a status code means is the API's business (:mod:`runner_daemon.core.api`).
 Requests go through a connection pool of our own (:mod:`runner_daemon.core.wire`: HTTP/1.1
 framed by h11), which costs a fraction of httpx's CPU per request; httpx is left with the
-URL rules (parsing the base URL, quoting an unusual path and its query), the TLS context and
-:func:`probe`. Network failures and timeouts become :class:`TransportError`. Each request
-carries a wall-clock deadline on top of its per-phase timeouts, because a read timeout alone
-does not bound a server that trickles bytes. Each answer's body is bounded too, raw and
-decoded (:class:`_BoundedBody`), so no answer can grow the daemon's memory past a few
-payloads; a larger 2xx is a retryable :class:`UnreadableAnswer`. A request body of
+URL rules (parsing an unusual base URL, quoting an unusual path and its query), the TLS
+context and :func:`probe`, and is imported only when one of them is needed. Network
+failures and timeouts become :class:`TransportError`. Each request carries a wall-clock
+deadline on top of its per-phase timeouts, because a read timeout alone does not bound a
+server that trickles bytes. Each answer's body is bounded too, raw and decoded
+(:class:`_BoundedBody`), so no answer can grow the daemon's memory past a few payloads; a
+larger 2xx is a retryable :class:`UnreadableAnswer`. A request body of
 :data:`GZIP_MIN_BYTES` or more is sent gzipped, as Opik's own client sends it.
 """
 
@@ -17,13 +18,13 @@ from __future__ import annotations
 
 import re
 import ssl
+import urllib.parse
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import httpx
 
 from runner_daemon.core.errors import TransportError, UnreadableAnswer
 from runner_daemon.core.logs import Scrubber
@@ -46,6 +47,8 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Paths of these characters need no quoting and have no dot segments: sent as they are.
 _PLAIN_PATH = re.compile(r"[A-Za-z0-9_~/-]*")
+# Host names of these characters read the same by the standard library as by httpx.
+_PLAIN_HOST = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +151,91 @@ def tls_context(base_url: str) -> ssl.SSLContext:
     so a TLS connection, were one ever attempted, would fail instead of going unchecked.
     """
     if base_url.strip().lower().startswith("https://"):
+        import httpx  # see _Base
+
         return httpx.create_ssl_context()
     return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
+@dataclass(frozen=True, slots=True)
+class _Base:
+    """The base URL's parts, as httpx.URL gives them.
+
+    httpx is imported only when a URL needs its rules: importing it costs about 30 ms, an
+    eighth of the daemon's start-up. A base URL of plain characters (an ASCII host name or
+    IPv4 address, an optional port, a path of :data:`_PLAIN_PATH`, nothing else) is read by
+    the standard library with the same result; any other goes through httpx.URL as before.
+    """
+
+    url: str  # the base URL, ending with "/"
+    scheme: str
+    host: str
+    port: int
+    netloc: str  # host[:port], the default port left out: the Host header
+    target: bytes  # the path as sent
+    path: str  # the path as answers name it
+    plain: bool  # no query or fragment: a plain path is appended as it is
+
+    @property
+    def origin(self) -> str:
+        return f"{self.scheme}://{self.netloc}"
+
+    @classmethod
+    def parse(cls, base_url: str) -> _Base:
+        return cls.parse_plain(base_url) or cls.parse_with_httpx(base_url)
+
+    @classmethod
+    def parse_with_httpx(cls, base_url: str) -> _Base:
+        import httpx
+
+        url = httpx.URL(base_url)
+        if url.scheme not in DEFAULT_PORTS:
+            raise ValueError(f"not an http:// or https:// URL: {url.scheme}://...")
+        text = str(url)
+        if not text.endswith("/"):
+            text += "/"
+        base = httpx.URL(text)
+        return cls(
+            url=text,
+            scheme=base.scheme,
+            host=url.raw_host.decode("ascii"),
+            port=url.port or DEFAULT_PORTS[url.scheme],
+            netloc=base.netloc.decode("ascii"),
+            target=base.raw_path,
+            path=base.path,
+            plain=not base.query and not base.fragment,
+        )
+
+    @classmethod
+    def parse_plain(cls, base_url: str) -> _Base | None:
+        """Read with the standard library; None unless every part is plain."""
+        if "?" in base_url or "#" in base_url or "@" in base_url:
+            return None
+        try:
+            parts = urllib.parse.urlsplit(base_url)
+            port = parts.port
+        except ValueError:
+            return None
+        host = parts.hostname or ""
+        if (
+            parts.scheme not in DEFAULT_PORTS
+            or not _PLAIN_HOST.fullmatch(host)
+            or not _PLAIN_PATH.fullmatch(parts.path)
+        ):
+            return None
+        default = DEFAULT_PORTS[parts.scheme]
+        netloc = host if port is None or port == default else f"{host}:{port}"
+        path = parts.path if parts.path.endswith("/") else parts.path + "/"
+        return cls(
+            url=f"{parts.scheme}://{netloc}{path}",
+            scheme=parts.scheme,
+            host=host,
+            port=default if port is None else port,
+            netloc=netloc,
+            target=path.encode("ascii"),
+            path=path,
+            plain=True,
+        )
 
 
 class _Reading:
@@ -189,37 +275,28 @@ class Transport:
         connect_timeout: float,
         max_connections: int,
     ) -> None:
-        url = httpx.URL(base_url)
-        if url.scheme not in DEFAULT_PORTS:
-            raise ValueError(f"not an http:// or https:// URL: {url.scheme}://...")
+        base = _Base.parse(base_url)
         self._scrub = Scrubber(secrets)
         self._keep_headers = tuple((name, name.lower().encode("ascii")) for name in keep_headers)
         self._request_timeout = request_timeout
         tls = None
-        if url.scheme == "https":
+        if base.scheme == "https":
             tls = tls_context(base_url)
             tls.set_alpn_protocols(["http/1.1"])
         # Requests go to a pool of our own (see wire.py for why), not through httpx: the
         # parts of each request are made once here.
         self._pool = Pool(
-            url.raw_host.decode("ascii"),
-            url.port or DEFAULT_PORTS[url.scheme],
-            tls,
-            max_connections=max_connections,
-            connect_timeout=connect_timeout,
+            base.host, base.port, tls, max_connections=max_connections, connect_timeout=connect_timeout
         )
-        self._base = str(url)
-        if not self._base.endswith("/"):
-            self._base += "/"
-        base = httpx.URL(self._base)
+        self._base = base.url
         # A path of these characters is taken as it is; any other goes through httpx.URL,
         # which quotes it and resolves dot segments as before.
-        self._plain = not base.query and not base.fragment
-        self._base_target = base.raw_path
+        self._plain = base.plain
+        self._base_target = base.target
         self._base_path = base.path
-        self._origin = f"{base.scheme}://{base.netloc.decode()}"
+        self._origin = base.origin
         sent = [
-            (b"Host", base.netloc),
+            (b"Host", base.netloc.encode("ascii")),
             *((name.encode("ascii"), value.encode("ascii")) for name, value in headers.items()),
             (b"Accept-Encoding", b"gzip, deflate"),  # what _BoundedBody decodes
         ]
@@ -262,6 +339,8 @@ class Transport:
         if params is None and self._plain and _PLAIN_PATH.fullmatch(path):
             target, url_path = self._base_target + path.encode("ascii"), self._base_path + path
         else:
+            import httpx  # imported only here and where needed: see _Base
+
             url = httpx.URL(self._base + path, params=params)
             target, url_path = url.raw_path, url.path
         reading = _Reading(limit)
@@ -313,6 +392,8 @@ class Transport:
 
 async def probe(url: str, timeout: float = 3.0) -> int | None:
     """The HTTP status of a GET (health checks); None when nothing answered."""
+    import httpx  # see _Base
+
     try:
         with anyio.fail_after(timeout + 1):
             # Only the status matters: the body is never read, however large.
