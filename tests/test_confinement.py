@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runner_daemon.core.errors import CommandFailed
-from runner_daemon.system.workspace import Workspace, matches_deny_pattern
+from runner_daemon.core.settings import DEFAULT_DENY_PATHS, DEFAULT_DENY_WRITE_PATHS
+from runner_daemon.system.workspace import DenyList, Workspace, matches_deny_pattern
 
 
 @pytest.fixture
@@ -146,3 +147,27 @@ def test_arbitrary_text_never_resolves_outside(jail: Workspace, path: str) -> No
 )
 def test_deny_pattern_rules(relative: str, pattern: str, expected: bool) -> None:
     assert matches_deny_pattern(relative, pattern) is expected
+    assert DenyList([pattern]).matches(relative) is expected
+
+
+_NAME_CHARS = st.sampled_from(list("ab.-_*?[]!/\\e"))
+_PATTERNS = st.text(_NAME_CHARS, min_size=1, max_size=8)
+_PARTS = st.text(st.sampled_from(list("ab.-_*?[]!e\\")), min_size=1, max_size=6)
+_RELATIVE = st.lists(_PARTS, max_size=4).map("/".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(relative=_RELATIVE, patterns=st.lists(_PATTERNS, max_size=6))
+def test_a_compiled_deny_list_matches_what_its_patterns_match_one_by_one(
+    relative: str, patterns: list[str]
+) -> None:
+    expected = any(matches_deny_pattern(relative, pattern) for pattern in patterns)
+    assert DenyList(patterns).matches(relative) is expected
+
+
+def test_the_default_deny_lists_compiled_agree_with_each_pattern() -> None:
+    paths = [".env", "a/.env.local", "k/server.pem", ".git/config", "src/.git", "x/id_rsa.pub", "README.md"]
+    for patterns in (DEFAULT_DENY_PATHS, DEFAULT_DENY_PATHS + DEFAULT_DENY_WRITE_PATHS):
+        for relative in paths:
+            expected = any(matches_deny_pattern(relative, pattern) for pattern in patterns)
+            assert DenyList(patterns).matches(relative) is expected

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
@@ -51,20 +52,51 @@ def matches_deny_pattern(relative: str, pattern: str) -> bool:
     return bool(parts) and fnmatch.fnmatchcase(parts[-1], pattern)
 
 
+class DenyList:
+    """Patterns as :func:`matches_deny_pattern` reads them, compiled into one expression per
+    kind (folder, whole path, file name): a path is matched once, not once per pattern.
+
+    Every read checks its path, and a search every file it walks: matched a pattern at a
+    time, the default list cost about a tenth of a small ReadFile's time.
+    """
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        patterns = tuple(patterns)
+        self._folders = _joined(p[:-1] for p in patterns if p.endswith("/"))
+        self._paths = _joined(p for p in patterns if "/" in p and not p.endswith("/"))
+        self._names = _joined(p for p in patterns if "/" not in p)
+
+    def matches(self, relative: str) -> bool:
+        """Whether a root-relative POSIX path (as :meth:`Workspace.relative` gives it) falls
+        under any of the patterns."""
+        parts = [part for part in relative.split("/") if part and part != "."]  # as pathlib parts it
+        if self._names is not None and parts and self._names.match(parts[-1]):
+            return True
+        if self._paths is not None and self._paths.match(relative):
+            return True
+        folders = self._folders
+        return folders is not None and any(folders.match(part) for part in parts)
+
+
+def _joined(patterns: Iterable[str]) -> re.Pattern[str] | None:
+    """One expression that matches what any of the shell globs matches (each one whole)."""
+    alternatives = [f"(?:{fnmatch.translate(pattern)})" for pattern in patterns]
+    return re.compile("|".join(alternatives)) if alternatives else None
+
+
 class Workspace:
     """The one folder the handlers may touch, and the paths in it they may not."""
 
     def __init__(self, root: Path, deny: Iterable[str] = (), deny_write: Iterable[str] = ()) -> None:
         self.root = Path(os.path.realpath(root))
         self._prefix = str(self.root).rstrip(os.sep) + os.sep
-        self._deny = tuple(deny)
-        self._deny_write = self._deny + tuple(deny_write)
+        deny = tuple(deny)
+        self._deny = DenyList(deny)
+        self._deny_write = DenyList((*deny, *deny_write))
 
     def denied(self, real_path: Path, *, write: bool = False) -> bool:
         """Whether the deny-lists forbid this (already confined) real path."""
-        relative = self.relative(real_path)
-        patterns = self._deny_write if write else self._deny
-        return any(matches_deny_pattern(relative, pattern) for pattern in patterns)
+        return (self._deny_write if write else self._deny).matches(self.relative(real_path))
 
     def check_allowed(self, real_path: Path, path_arg: str, *, write: bool = False) -> None:
         if self.denied(real_path, write=write):
@@ -103,5 +135,8 @@ class Workspace:
 
     def relative(self, real_path: Path) -> str:
         """The root-relative POSIX path; ``""`` for the root itself."""
+        text = str(real_path)
+        if text.startswith(self._prefix) and os.sep == "/":  # the common case, without pathlib
+            return text[len(self._prefix) :]
         relative = real_path.relative_to(self.root).as_posix()
         return "" if relative == "." else relative
