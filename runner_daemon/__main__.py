@@ -1,5 +1,5 @@
 import sys
 
-from runner_daemon.cli import main
+from runner_daemon.entry import main
 
 sys.exit(main())

@@ -47,6 +47,7 @@ from runner_daemon.service.daemon import Daemon, ExitStatus
 from runner_daemon.service.notify import Notifier
 from runner_daemon.system.environment import child_environment
 from runner_daemon.system.hardening import forbid_inspection
+from runner_daemon.system.protection import ProtectionProbe
 from runner_daemon.system.sandbox import SandboxPolicy, SandboxSupport, sandbox_for
 from runner_daemon.system.workspace import Workspace
 
@@ -121,7 +122,7 @@ async def serve(
     return int(status)
 
 
-def start_daemon(settings: Settings, registry: HandlerRegistry) -> int:
+def start_daemon(settings: Settings, registry: HandlerRegistry, probe: ProtectionProbe | None = None) -> int:
     """Resolve credentials, set up logging, run until stopped; the ``run`` command's body."""
     try:
         settings, bridge_key = credentials.resolve(settings)
@@ -132,7 +133,7 @@ def start_daemon(settings: Settings, registry: HandlerRegistry) -> int:
     configure_logging(settings.log_level, settings.log_format, secrets)
     forbid_inspection()
     try:
-        sandbox, support, left_out = sandbox_for(settings)
+        sandbox, support, left_out = sandbox_for(settings, probe)
     except ConfigError as exc:
         return _fail_config(exc)
     log_sandbox(sandbox, support, left_out)
@@ -178,7 +179,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         settings = _settings_from(args)
     except ConfigError as exc:
         return _fail_config(exc)
-    return start_daemon(settings, discover())
+    return start_daemon(settings, discover(), args.protection_probe)
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -702,6 +703,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, probe: ProtectionProbe | None = None) -> int:
+    """``probe``: the sandbox's protection probe, begun before the imports (runner_daemon.entry)."""
     args = build_parser().parse_args(argv)
+    args.protection_probe = probe
     return int(args.func(args))

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from runner_daemon.core.errors import ConfigError
 from runner_daemon.core.settings import load_settings
 from runner_daemon.devserver.client import DevClient
 from runner_daemon.devserver.server import DevServer
+from runner_daemon.system.protection import ProtectionProbe
 from runner_daemon.system.sandbox import SandboxPolicy, SandboxSupport, build_policy
 from tests.support import DaemonProcesses, daemon_environment, finish, runner_connected, until, wait_terminal
 
@@ -271,3 +273,33 @@ def test_without_landlock_the_default_refuses_to_start(
         sandbox.sandbox_for(settings)
     off = load_settings(None, {"workspace_root": place["ws"], "exec": {"sandbox": "off"}})
     assert sandbox.sandbox_for(off)[0] is None
+
+
+# --- the protection probe, begun before the imports -------------------------------------------
+
+
+def _probe_folders() -> set[str]:
+    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("runner-daemon-probe-")}
+
+
+def test_the_protection_probe_begins_only_for_run_and_leaves_nothing_behind() -> None:
+    assert ProtectionProbe.for_command_line(["check-config"]) is None
+    assert ProtectionProbe.for_command_line(["sandbox", "run"]) is None
+    before = _probe_folders()
+    probe = ProtectionProbe.for_command_line(["run", "--config", "x.toml"])
+    assert probe is not None
+    assert probe.result() is SandboxSupport.probe(check_protection=True).protects
+    discarded = ProtectionProbe()
+    discarded.discard()
+    assert discarded.result() is False
+    assert _probe_folders() <= before
+
+
+def test_the_entry_point_begins_the_probe_before_the_heavy_imports() -> None:
+    """The probe's launcher run overlaps the imports only if the entry imports nothing heavy."""
+    heavy = "{'pydantic', 'anyio', 'structlog'}"
+    script = f"import sys, runner_daemon.entry; print(sorted({heavy} & set(sys.modules)))"
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"

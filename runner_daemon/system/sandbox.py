@@ -19,9 +19,7 @@ No library is used: PyPI's ``landlock`` (1.0.0.dev5, alpha) knows neither networ
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +27,7 @@ from pathlib import Path
 from runner_daemon.core.errors import ConfigError
 from runner_daemon.core.settings import Settings
 from runner_daemon.system import sandbox_exec
+from runner_daemon.system.protection import ProtectionProbe
 from runner_daemon.system.sandbox_exec import landlock_abi
 from runner_daemon.system.workspace import Workspace
 
@@ -65,11 +64,19 @@ class SandboxSupport:
     protects: bool = False  # folders inside the workspace can be made read-only
 
     @classmethod
-    def probe(cls, *, check_protection: bool = False) -> SandboxSupport:
-        """The Landlock ABI; with ``check_protection``, one launcher run tries a read-only mount."""
+    def probe(
+        cls, *, check_protection: bool = False, started: ProtectionProbe | None = None
+    ) -> SandboxSupport:
+        """The Landlock ABI; with ``check_protection``, one launcher run tries a read-only mount
+        (the one ``started`` before the daemon's imports, else one run now)."""
         abi = landlock_abi() if sys.platform == "linux" else 0
         missing = [text for needed, text in _MISSING_BY_ABI if abi < needed]
-        protects = abi > 0 and check_protection and _can_protect()
+        if not (abi > 0 and check_protection):
+            if started is not None:
+                started.discard()
+            protects = False
+        else:
+            protects = (started or ProtectionProbe()).result()
         if abi > 0 and check_protection and not protects:
             missing.append(
                 "folders inside the workspace (.git) cannot be made read-only: no mount namespace here"
@@ -117,13 +124,9 @@ class SandboxPolicy:
 
     def wrap(self, argv: Sequence[str]) -> list[str]:
         """The argv that runs ``argv`` under this policy."""
-        rules = [
-            *(f"r:{p}" for p in self.read),
-            *(f"w:{p}" for p in self.write),
-            *(f"ro:{p}" for p in self.protected),
-            f"net:{int(self.network)}",
-        ]
-        return [*self.launcher, *rules, "--", *argv]
+        return sandbox_exec.launcher_argv(
+            self.launcher, self.read, self.write, self.protected, self.network, list(argv)
+        )
 
 
 def build_policy(
@@ -179,19 +182,6 @@ def build_policy(
     )
 
 
-def _can_protect() -> bool:
-    """Whether the launcher can bind-mount a folder read-only here (namespaces allowed)."""
-    with tempfile.TemporaryDirectory(prefix="runner-daemon-probe-") as folder:
-        inner = Path(folder) / "inner"
-        inner.mkdir()
-        argv = SandboxPolicy(("/",), (folder,)).protecting(inner).wrap([sys.executable, "-I", "-S", "-c", ""])
-        try:
-            done = subprocess.run(argv, capture_output=True, timeout=30, check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            return False
-        return done.returncode == 0
-
-
 def _real(path: Path) -> Path:
     return Path(os.path.realpath(path))
 
@@ -200,10 +190,13 @@ def _holds(outer: Path, inner: Path) -> bool:
     return outer == inner or outer in inner.parents
 
 
-def sandbox_for(settings: Settings) -> tuple[SandboxPolicy | None, SandboxSupport, list[str]]:
+def sandbox_for(
+    settings: Settings, started: ProtectionProbe | None = None
+) -> tuple[SandboxPolicy | None, SandboxSupport, list[str]]:
     """The Exec policy the settings ask for (None when off), what the kernel supports, and
-    the derived paths left out; :class:`ConfigError` when Landlock is asked for but missing."""
-    support = SandboxSupport.probe(check_protection=settings.exec.sandbox == "landlock")
+    the derived paths left out; :class:`ConfigError` when Landlock is asked for but missing.
+    ``started``: the protection probe begun before the imports, if one was."""
+    support = SandboxSupport.probe(check_protection=settings.exec.sandbox == "landlock", started=started)
     if settings.exec.sandbox == "off":
         return None, support, []
     if support.abi == 0:

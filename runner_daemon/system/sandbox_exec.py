@@ -216,6 +216,24 @@ def parse_rules(rules: list[str]) -> tuple[list[str], list[str], list[str], bool
     return paths["r"], paths["w"], paths["ro"], network
 
 
+def launcher_argv(
+    launcher: list[str] | tuple[str, ...],
+    read: tuple[str, ...],
+    write: tuple[str, ...],
+    protected: tuple[str, ...],
+    network: bool,
+    argv: list[str] | tuple[str, ...],
+) -> list[str]:
+    """The argv that runs ``argv`` confined: the rules written here, beside their reader."""
+    rules = [
+        *(f"r:{p}" for p in read),
+        *(f"w:{p}" for p in write),
+        *(f"ro:{p}" for p in protected),
+        f"net:{int(network)}",
+    ]
+    return [*launcher, *rules, "--", *argv]
+
+
 def _find(name: str) -> str:
     """``name`` as ``execvp`` would find it on ``PATH`` (itself when it holds a slash)."""
     if "/" in name:
