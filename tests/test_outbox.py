@@ -158,6 +158,25 @@ async def test_journal_is_compacted_past_its_bound(tmp_path: Path, monkeypatch: 
 
 
 @pytest.mark.anyio
+async def test_the_journal_stays_bounded_when_every_result_is_delivered_by_its_first_send(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bridge's usual path (``started``, ``write_result``, ``done``) fsyncs only by the
+    group commit of its "done" lines: the journal must be compacted on it all the same."""
+    monkeypatch.setattr(outbox_module, "MAX_REMEMBERED", 100)
+    outbox = Outbox.open(tmp_path, max_bytes=64 * 1024)
+    for i in range(2000):
+        await outbox.started("r1", f"c{i}", "ReadFile")
+        outbox.write_result(OwedResult("r1", f"c{i}", "ReadFile", BODY, 1.0))
+        await outbox.done(f"c{i}")
+    await outbox.close()
+    assert (tmp_path / JOURNAL_FILE).stat().st_size < 64 * 1024 + 8 * 1024
+    reopened = Outbox.open(tmp_path)
+    assert reopened.recovered.results == [] and reopened.known("c1999")
+    await reopened.close()
+
+
+@pytest.mark.anyio
 async def test_started_lines_outlive_a_crash_also_while_the_journal_is_compacted(tmp_path: Path) -> None:
     """``started`` is written without an fsync or a thread; a compaction must not drop it.
 
