@@ -217,25 +217,24 @@ class DaemonProcess(subprocess.Popen[str]):
     """A process DaemonProcesses started; it owns the files its stdout and stderr go to.
 
     Files, not pipes: a pipe nobody reads fills up after 64 KiB of logs and then blocks the
-    daemon's every log line.
+    daemon's every log line. The process writes them through descriptors of its own, opened
+    to append, and :meth:`output` reads them through new ones: sharing one file offset, a read
+    (a seek to the start) moved where the daemon's next line went, over the lines before it.
     """
 
     def __init__(self, command: list[str], env: dict[str, str]) -> None:
-        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in close_output()
-        self._outputs = (out, err)
-        super().__init__(command, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
+        self._folder = tempfile.TemporaryDirectory(prefix="daemon-output-")
+        self._paths = (Path(self._folder.name) / "stdout", Path(self._folder.name) / "stderr")
+        with open(self._paths[0], "ab") as out, open(self._paths[1], "ab") as err:
+            super().__init__(command, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
 
     def output(self) -> tuple[str, str]:
         """What the process has written so far (stdout, stderr)."""
-        texts = []
-        for stream in self._outputs:
-            stream.seek(0)
-            texts.append(stream.read())
-        return texts[0], texts[1]
+        out, err = (path.read_text(errors="replace") for path in self._paths)
+        return out, err
 
     def close_output(self) -> None:
-        for stream in self._outputs:
-            stream.close()
+        self._folder.cleanup()
 
 
 class DaemonProcesses:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
+import sys
 from typing import Any
 
 import pytest
@@ -20,6 +22,7 @@ from runner_daemon.core.logs import configure_logging
 from runner_daemon.core.models import BridgeCommand
 from runner_daemon.core.retry import Backoff
 from runner_daemon.service import notify
+from tests.support import DaemonProcess
 
 
 def test_backoff_grows_with_jitter_and_is_capped() -> None:
@@ -161,3 +164,16 @@ def test_the_exception_tree_holds_pairing_expiry_and_abandoned_work() -> None:
     for cls in classes:
         assert issubclass(cls, errors.RunnerDaemonError)
         assert cls.__name__ in in_diagram, f"{cls.__name__} is missing from the tree diagram"
+
+
+def test_reading_a_daemon_process_output_never_moves_where_it_writes() -> None:
+    """The harness reads a daemon's log while it writes; no line may be lost to the reads."""
+    script = "import sys\nfor i in range(3000):\n    print(f'line {i}', file=sys.stderr, flush=True)\n"
+    proc = DaemonProcess([sys.executable, "-c", script], dict(os.environ))
+    try:
+        while proc.poll() is None:
+            proc.output()
+        proc.wait()
+        assert proc.output()[1].splitlines() == [f"line {i}" for i in range(3000)]
+    finally:
+        proc.close_output()
