@@ -71,13 +71,13 @@ class SandboxSupport:
         (the one ``started`` before the daemon's imports, else one run now)."""
         abi = landlock_abi() if sys.platform == "linux" else 0
         missing = [text for needed, text in _MISSING_BY_ABI if abi < needed]
-        if not (abi > 0 and check_protection):
-            if started is not None:
-                started.discard()
-            protects = False
-        else:
+        wanted = abi > 0 and check_protection
+        protects = False
+        if wanted:
             protects = (started or ProtectionProbe()).result()
-        if abi > 0 and check_protection and not protects:
+        elif started is not None:
+            started.discard()
+        if wanted and not protects:
             missing.append(
                 "folders inside the workspace (.git) cannot be made read-only: no mount namespace here"
             )
